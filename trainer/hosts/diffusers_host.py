@@ -1,0 +1,171 @@
+"""The diffusers host: the engine's host interface over a local diffusers model folder.
+
+It serves the headless CLI and lets the tests run the whole engine on tiny random models without ComfyUI.
+Folder layout: unet/, vae/, text_encoder/, tokenizer/ (+ text_encoder_2/, tokenizer_2/ for SDXL), scheduler/.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..host import AdapterTarget, Conditioning, MemoryInfo, TrainingError
+from ..identity import module_fingerprint
+from ..schedules import DiscreteSchedule
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+
+
+class DiffusersHost:
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 interrupt=None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        folder = Path(folder)
+        if not (folder / "unet").is_dir():
+            raise TrainingError(f"model folder '{folder}' has no unet/ sub-folder: give a diffusers-layout model folder")
+        self.folder = folder
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._interrupt = interrupt
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(self.device, dtype).requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device, dtype).requires_grad_(False)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer")]
+        self.encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder").to(self.device, dtype)]
+        if (folder / "text_encoder_2").is_dir():
+            self.family = "sdxl"
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))
+            self.encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").to(self.device, dtype)
+            )
+        else:
+            self.family = "sd15"
+        for encoder in self.encoders:
+            encoder.requires_grad_(False).eval()
+        self.unet.eval()
+        self.vae.eval()
+        self.schedule = _schedule_from_folder(folder / "scheduler")
+        self.latent_channels = self.unet.config.in_channels
+        self.context_width = self.unet.config.cross_attention_dim
+        self._scaling = float(self.vae.config.scaling_factor)
+        self._shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.image_encoder_id = module_fingerprint(self.vae, "diffusers-vae")
+        self.text_encoder_id = "+".join(module_fingerprint(e, "diffusers-te") for e in self.encoders)
+        self.model_id = module_fingerprint(self.unet, "diffusers-unet")
+
+    # --- modules -------------------------------------------------------------------------------------------
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        names = ["te"] if self.family == "sd15" else ["te1", "te2"]
+        return dict(zip(names, self.encoders))
+
+    def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
+        from ..targets import text_encoder_targets, unet_targets
+
+        targets = unet_targets(self.unet, self.family, preset, scheme="diffusers")
+        if text_encoder:
+            prefixes = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+            for component, encoder in self.text_encoders().items():
+                targets += text_encoder_targets(encoder, prefixes[component])
+        return targets
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, enabled: bool):
+        """Turn on diffusers' own checkpointing for the run and restore the model's flag afterwards."""
+        before = bool(getattr(self.unet, "is_gradient_checkpointing", False))
+        if enabled and not before:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if enabled and not before:
+                self.unet.disable_gradient_checkpointing()
+
+    # --- the denoiser ----------------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = None
+        if self.family == "sdxl":
+            added = {"text_embeds": cond.pooled, "time_ids": cond.size_ids}
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond.context, added_cond_kwargs=added).sample
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self._shift) * self._scaling
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self._scaling + self._shift
+
+    # --- encoders ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
+        return self.vae.encode(pixels).latent_dist.mean.float().cpu()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> (B, H, W, 3) in [0, 1] (used for previews)."""
+        pixels = self.vae.decode(latents.to(self.device, self.dtype)).sample
+        return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str], clip_skip: int = 1) -> list[dict[str, torch.Tensor]]:
+        context, pooled = self.text_forward(captions, clip_skip)
+        out = []
+        for i in range(len(captions)):
+            item = {"context": context[i].float().cpu()}
+            if pooled is not None:
+                item["pooled"] = pooled[i].float().cpu()
+            out.append(item)
+        return out
+
+    def text_forward(self, captions: Sequence[str], clip_skip: int = 1):
+        """(context, pooled) on the device, with autograd (text-encoder training calls this directly).
+
+        SD1.5: hidden state `clip_skip` layers from the end, final layer norm applied (as A1111/kohya do).
+        SDXL: the penultimate hidden state of both encoders, concatenated; pooled = encoder 2's projection.
+        """
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            if self.family == "sd15":
+                state = out.hidden_states[-clip_skip]
+                if clip_skip > 1:
+                    state = encoder.text_model.final_layer_norm(state)
+                hidden.append(state)
+            else:
+                hidden.append(out.hidden_states[-(1 + clip_skip)])
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    # --- services ---------------------------------------------------------------------------------------------
+    def memory(self) -> MemoryInfo:
+        from ..events import memory_snapshot
+
+        snap = memory_snapshot(self.device)
+        return MemoryInfo(**{k: snap[k] for k in ("device", "allocated", "reserved", "peak", "total")},
+                          free=int(snap.get("free", snap["total"] - snap["allocated"])))
+
+    def check_interrupt(self) -> None:
+        if self._interrupt is not None:
+            self._interrupt()
+
+
+def _schedule_from_folder(folder: Path) -> DiscreteSchedule:
+    config = json.loads((folder / "scheduler_config.json").read_text()) if folder.is_dir() else {}
+    prediction = PREDICTIONS.get(config.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise TrainingError(f"{folder}: prediction_type '{config.get('prediction_type')}' is not supported "
+                            f"(choose one of {', '.join(PREDICTIONS)})")
+    return DiscreteSchedule.from_betas(
+        beta_start=config.get("beta_start", 0.00085), beta_end=config.get("beta_end", 0.012),
+        schedule=config.get("beta_schedule", "scaled_linear"), num=config.get("num_train_timesteps", 1000),
+        prediction=prediction,
+    )

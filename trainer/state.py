@@ -1,0 +1,129 @@
+"""Resumable training state in a run folder.
+
+    <run>/config.json               the full training config (+ dataset/bucket settings)
+    <run>/state/step_000120/        one complete snapshot: adapters.safetensors, training.pt, meta.json
+    <run>/history.jsonl, latest.json, previews/, loss.png   (trainer/runlog.py)
+
+A snapshot folder is written under a temporary name and renamed when complete, so a crash or Stop mid-save
+never leaves a half snapshot that resume would pick up. Only the newest `keep_last` snapshots are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .host import TrainingError
+
+STATE_DIR = "state"
+SNAPSHOT_PREFIX = "step_"
+
+
+@dataclass
+class RngState:
+    """Every random stream the loop draws from: restoring all of them is what makes resume exact."""
+
+    generator: torch.Tensor  # the loop's CPU generator (timesteps, noise, flips)
+    captions: Any  # python random.Random state (caption shuffle / dropout)
+    torch_cpu: torch.Tensor  # global CPU RNG (adapter dropout on the CPU)
+    torch_cuda: Optional[list] = None  # global CUDA RNGs (adapter dropout on the GPU)
+
+    @classmethod
+    def capture(cls, generator: torch.Generator, caption_rng: random.Random) -> "RngState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return cls(generator.get_state(), caption_rng.getstate(), torch.get_rng_state(), cuda)
+
+    def restore(self, generator: torch.Generator, caption_rng: random.Random) -> None:
+        generator.set_state(self.generator)
+        caption_rng.setstate(_as_random_state(self.captions))
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+
+    def to_dict(self) -> dict:
+        return {"generator": self.generator, "captions": self.captions, "torch_cpu": self.torch_cpu,
+                "torch_cuda": self.torch_cuda}
+
+
+def _as_random_state(state):
+    # random.Random.setstate needs tuples; a round trip through torch.save keeps them, JSON would not.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def snapshot_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / STATE_DIR / f"{SNAPSHOT_PREFIX}{step:06d}"
+
+
+def list_snapshots(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(SNAPSHOT_PREFIX)
+             and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(SNAPSHOT_PREFIX):]))
+
+
+def latest_snapshot(run_dir: str | Path) -> Optional[Path]:
+    found = list_snapshots(run_dir)
+    return found[-1] if found else None
+
+
+def save_snapshot(run_dir: str | Path, step: int, adapters: dict[str, torch.Tensor], training: dict[str, Any],
+                  meta: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write a complete snapshot atomically (temp folder + rename) and prune old ones."""
+    from safetensors.torch import save_file
+
+    final = snapshot_dir(Path(run_dir), step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
+        torch.save(training, tmp / "training.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last > 0:
+        for old in list_snapshots(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        adapters = load_file(str(path / "adapters.safetensors"))
+        training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any damage means the snapshot cannot be resumed
+        raise TrainingError(f"resume state '{path}' is damaged or incomplete ({e}); "
+                            f"delete it to resume from the previous snapshot") from e
+    return adapters, training, meta
+
+
+def check_compatible(meta: dict[str, Any], *, config_digest: str, model_id: str, path: Path) -> None:
+    """A resume must use the same model and the same training settings, or it silently trains something else."""
+    if meta.get("model_id") and meta["model_id"] != model_id:
+        raise TrainingError(
+            f"resume folder '{path}' was trained on a different model (identity {meta['model_id']}, now {model_id}); "
+            "load the same checkpoint, or start a new run")
+    if meta.get("config_digest") and meta["config_digest"] != config_digest:
+        raise TrainingError(
+            f"resume folder '{path}' was made with different training settings (config {meta['config_digest']}, "
+            f"now {config_digest}); restore the settings of that run (its config.json), or start a new run")
