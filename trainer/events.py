@@ -266,6 +266,7 @@ class ProgressReporter:
         self._dirty = False  # something changed since the last event
         self._emit_failed = False
         self._mem_failed = False
+        self._pending_mem: Any = None  # a mem value given with a non-step report, used by the next event
         self.sent = 0
         self.dropped = 0
         self.last_payload: Optional[Payload] = None
@@ -352,6 +353,35 @@ class ProgressReporter:
         self._dirty = True
         return self._maybe_send(force=True)
 
+    def report(self, phase: str, *, step: Optional[int] = None, loss: Any = None, lr: Any = None, mem: Any = None,
+               message: Optional[str] = None, preview: Optional[str] = None, total: Optional[int] = None) -> bool:
+        """One entry point for loops: ``report("training", step=s, loss=l, lr=lr, mem=host.memory())`` records an
+        optimizer step (throttled); any other phase is sent at once when it changes. ``mem`` may be a mem dict or a
+        :class:`trainer.host.MemoryInfo` (or a callable returning one, called only when an event goes out)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+        if total is not None:
+            self.total = int(total)
+        if phase == "training" and step is not None and (loss is not None or step != self._step):
+            sent = self.step(step, loss, lr, mem=mem)
+            if message is not None:
+                self._message = message
+                self._dirty = True
+            return sent
+        if step is not None:
+            self._step = int(step)
+        if loss is not None and _finite(loss) != self._loss:
+            self._loss = _finite(loss)
+        if lr is not None:
+            self._lr = _finite(lr)
+        if mem is not None:
+            self._pending_mem = mem
+        if phase == "preview" and preview is not None:
+            return self.preview(step, preview, message)
+        if preview is not None:
+            self._preview = str(preview)
+        return self.phase(phase, message)
+
     def done(self, message: Optional[str] = None) -> bool:
         return self.phase("done", message)
 
@@ -375,6 +405,9 @@ class ProgressReporter:
         if not force and self._last_sent is not None and now - self._last_sent < self.min_interval:
             self.dropped += 1
             return False
+        if mem is None:
+            mem = self._pending_mem
+        self._pending_mem = None
         payload = self.payload(mem=mem)
         self._last_sent = now
         self._dirty = False
@@ -394,6 +427,8 @@ class ProgressReporter:
         try:
             if mem is None:
                 mem = self._memory() if self._memory is not None else memory_snapshot(self._device)
+            elif callable(mem):
+                mem = mem()
             return _normalize_mem(mem)
         except Exception:
             if not self._mem_failed:

@@ -140,6 +140,8 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
     # --- text conditioning is encoded once, up front (cached on disk by caption text) ----------------------
     report("encoding", message="encoding captions")
     text.prefetch([s.caption for s in latents.samples] + ([""] if dataset_cfg.caption_dropout > 0 else []))
+    if hasattr(host, "prepare"):  # e.g. ComfyUI: evict other models, load this one fully
+        host.prepare(keep_text_encoder=net_cfg.train_text_encoder or dataset_cfg.shuffle_captions)
 
     # --- the loop -------------------------------------------------------------------------------------------
     rng_at_step_start = RngState.capture(generator, caption_rng)

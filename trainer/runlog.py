@@ -129,6 +129,8 @@ class RunLog:
         t = self._wallclock() if time is None else float(time)
         self._append({"step": int(step), "loss": _num(loss), "lr": _num(lr), "time": round(t, 3)})
 
+    log = log_step  # alias
+
     def mark(self, step: int, mark: str, file: Optional[str] = None) -> None:
         """Record a save / preview / resume at ``step`` (flushed at once). ``file``: the preview's name inside
         ``previews/`` or the saved file's name."""

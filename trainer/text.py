@@ -7,6 +7,7 @@ is encoded once per model, ever. With text-encoder training on, nothing is cache
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,6 +49,18 @@ class TextEmbeddings:
             return self.host.text_forward(list(captions), self.clip_skip)
         self.prefetch(captions)
         items = [self.memory[c] for c in captions]
-        context = torch.stack([item["context"] for item in items])
+        context = stack_contexts([item["context"] for item in items])
         pooled = torch.stack([item["pooled"] for item in items]) if "pooled" in items[0] else None
         return context, pooled
+
+
+def stack_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack (tokens, width) contexts. Long captions encode to several 77-token chunks; like ComfyUI, shorter
+    contexts are repeated up to the least common multiple of the lengths so every row has the same length."""
+    lengths = {c.shape[0] for c in contexts}
+    if len(lengths) > 1:
+        target = 1
+        for n in lengths:
+            target = target * n // math.gcd(target, n)
+        contexts = [c.repeat(target // c.shape[0], 1) for c in contexts]
+    return torch.stack(list(contexts))

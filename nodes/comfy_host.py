@@ -1,0 +1,214 @@
+"""The ComfyUI host: the engine's host interface over ComfyUI's loaded MODEL (ModelPatcher), CLIP and VAE.
+
+Training calls the diffusion model directly with per-sample conditioning (never through the sampler/guider,
+which would average captions over the batch) and trains on the model's own output parameterization.
+The input MODEL is never changed: adapters are forward hooks, gradient checkpointing wraps `forward` of a few
+blocks for the run only, and both are removed in `finally`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from ..trainer.host import AdapterTarget, Conditioning, MemoryInfo, TrainingError, TrainingInterrupted
+from ..trainer.identity import module_fingerprint
+from ..trainer.schedules import DiscreteSchedule, FlowSchedule
+
+
+class ComfyHost:
+    def __init__(self, model, clip=None, vae=None):
+        import comfy.model_base
+        import comfy.model_management as mm
+
+        self.mm = mm
+        self.patcher = model
+        self.base = model.model
+        self.unet = self.base.diffusion_model
+        self.clip = clip
+        self.vae = vae
+        self.device = mm.get_torch_device()
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        if isinstance(self.base, comfy.model_base.SDXL):
+            self.family = "sdxl"
+        elif type(self.base) is comfy.model_base.BaseModel:
+            self.family = "sd15"
+        else:
+            raise TrainingError(
+                f"this model ({type(self.base).__name__}) is not supported yet: LoRA Lab trains SD1.5 and SDXL "
+                "checkpoints (load one with Load Checkpoint)")
+        self.sampling = model.get_model_object("model_sampling")
+        self.schedule = _schedule_for(self.base.model_type, self.sampling)
+        self.latent_channels = self.base.latent_format.latent_channels
+        self.context_width = int(self.base.model_config.unet_config.get("context_dim") or 0)
+        self.model_id = module_fingerprint(self.unet, "comfy-unet")
+        self.image_encoder_id = vae_encoder(vae)[1] if vae is not None else ""
+        self.text_encoder_id = module_fingerprint(clip.cond_stage_model, "comfy-clip") if clip is not None else ""
+
+    # --- modules -------------------------------------------------------------------------------------------
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        if self.clip is None:
+            return {}
+        model = self.clip.cond_stage_model
+        if self.family == "sd15":
+            return {"te": model.clip_l.transformer}
+        return {"te1": model.clip_l.transformer, "te2": model.clip_g.transformer}
+
+    def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
+        from ..trainer.targets import text_encoder_targets, unet_targets
+
+        ldm_to_diffusers = None
+        if self.family == "sd15":  # kohya names SD1.5 modules by their diffusers paths
+            import comfy.utils
+
+            mapping = comfy.utils.unet_to_diffusers(self.base.model_config.unet_config)
+            ldm_to_diffusers = {ldm[: -len(".weight")]: diff[: -len(".weight")]
+                                for diff, ldm in mapping.items() if diff.endswith(".weight")}
+        targets = unet_targets(self.unet, self.family, preset, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
+        if text_encoder:
+            if self.clip is None:
+                raise TrainingError("text-encoder training is on but no CLIP is connected to Train LoRA")
+            prefixes = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+            for component, encoder in self.text_encoders().items():
+                targets += text_encoder_targets(encoder, prefixes[component])
+        return targets
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, enabled: bool):
+        """Recompute each UNet block in backward instead of keeping its activations; undone afterwards."""
+        if not enabled:
+            yield
+            return
+        from torch.utils.checkpoint import checkpoint
+
+        blocks = list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks)
+        patched = []
+        try:
+            for block in blocks:
+                original = block.forward
+
+                def forward(*args, _original=original, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _original(*args, **kwargs)
+                    return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+                block.forward = forward  # an instance attribute: deleting it restores the class method
+                patched.append(block)
+            yield
+        finally:
+            for block in patched:
+                del block.forward
+
+    def prepare(self, keep_text_encoder: bool = False) -> None:
+        """Load the model for training, evicting every other model first. The text encoder stays loaded only when
+        captions will be encoded during training (shuffled captions, text-encoder training)."""
+        self._keep_text_encoder = keep_text_encoder and self.clip is not None
+        self.mm.unload_all_models()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)load the model fully on the device, e.g. after a preview loaded the VAE next to it."""
+        models = [self.patcher] + ([self.clip.patcher] if getattr(self, "_keep_text_encoder", False) else [])
+        self.mm.load_models_gpu(models, force_full_load=True)
+
+    # --- the denoiser ----------------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.schedule.prediction == "flow":
+            t = self.sampling.timestep(timesteps.float())
+        else:
+            t = timesteps.float()
+        y = self._adm(cond, noisy) if self.family == "sdxl" else None
+        return self.unet(noisy, t, context=cond.context, y=y, control=None, transformer_options={})
+
+    def _adm(self, cond: Conditioning, noisy: torch.Tensor) -> torch.Tensor:
+        """SDXL's `y`: pooled text + embedded original size, crop and target size, each sample its own."""
+        rows = []
+        for i in range(noisy.shape[0]):
+            oh, ow, top, left, th, tw = (int(v) for v in cond.size_ids[i].tolist())
+            rows.append(self.base.encode_adm(pooled_output=cond.pooled[i:i + 1], height=oh, width=ow, crop_h=top,
+                                             crop_w=left, target_height=th, target_width=tw, device=noisy.device))
+        return torch.cat(rows).to(noisy.device, noisy.dtype)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.base.latent_format.process_in(latents)
+
+    # --- encoders ---------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return vae_encoder(self.vae)[0](images)
+
+    def _clip_for(self, clip_skip: int):
+        clip = self.clip
+        if clip_skip > 1:
+            clip = clip.clone()
+            clip.clip_layer(-clip_skip)
+        return clip
+
+    def text_forward(self, captions: Sequence[str], clip_skip: int = 1):
+        """(context, pooled) on the device; with autograd when called under enable_grad (text-encoder training)."""
+        if self.clip is None:
+            raise TrainingError("no CLIP connected to Train LoRA: it is needed to encode the captions")
+        clip = self._clip_for(clip_skip)
+        contexts, pooled = [], []
+        for caption in captions:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            contexts.append(cond[0])
+            pooled.append(pool[0] if pool is not None else None)
+        from ..trainer.text import stack_contexts
+
+        context = stack_contexts(contexts).to(self.device)
+        pooled_t = torch.stack(pooled).to(self.device) if pooled[0] is not None else None
+        return context, pooled_t
+
+    def encode_text(self, captions: Sequence[str], clip_skip: int = 1) -> list[dict[str, torch.Tensor]]:
+        if self.clip is None:
+            raise TrainingError("no CLIP connected to Train LoRA: it is needed to encode the captions")
+        clip = self._clip_for(clip_skip)
+        out = []
+        with torch.inference_mode():
+            for caption in captions:
+                cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+                item = {"context": cond[0].float().cpu().clone()}
+                if self.family == "sdxl" and pooled is not None:
+                    item["pooled"] = pooled[0].float().cpu().clone()
+                out.append(item)
+        return out
+
+    # --- services ---------------------------------------------------------------------------------------------
+    def memory(self) -> MemoryInfo:
+        from ..trainer.events import memory_snapshot
+
+        snap = memory_snapshot(self.device)
+        return MemoryInfo(device=snap["device"], allocated=snap["allocated"], reserved=snap["reserved"],
+                          peak=snap["peak"], total=snap["total"], free=int(self.mm.get_free_memory(self.device)))
+
+    def check_interrupt(self) -> None:
+        if self.mm.processing_interrupted():
+            raise TrainingInterrupted()
+
+
+def _schedule_for(model_type, sampling):
+    import comfy.model_base as mb
+
+    if model_type in (mb.ModelType.EPS, mb.ModelType.V_PREDICTION):
+        prediction = "eps" if model_type == mb.ModelType.EPS else "v"
+        return DiscreteSchedule.from_sigmas(sampling.sigmas.float().cpu(), prediction=prediction)
+    if model_type == mb.ModelType.FLOW:
+        return FlowSchedule(shift=float(getattr(sampling, "shift", 1.0)))
+    raise TrainingError(f"model type {model_type.name} is not supported for training yet (eps, v and flow are)")
+
+
+
+def vae_encoder(vae):
+    """(encode_fn, identity) for the latent cache: BHWC [0, 1] images -> unscaled latents on the CPU."""
+    if vae is None:
+        raise TrainingError("Bucket & Cache Latents needs a VAE: connect the VAE output of Load Checkpoint")
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return vae.encode(images[..., :3]).float().cpu()
+
+    return encode, module_fingerprint(vae.first_stage_model, "comfy-vae")

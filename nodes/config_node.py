@@ -1,0 +1,106 @@
+"""Configure LoRA: every training setting in one node, with presets for common cases."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from .types import CATEGORY, TrainConfig
+
+OPTIMIZERS = ["adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"]
+SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
+
+
+class ConfigureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraLab_ConfigureLoRA",
+            display_name="Configure LoRA (LoRA Lab)",
+            category=f"{CATEGORY}/train",
+            description="Adapter, optimizer, schedule, objective and precision settings for Train LoRA. "
+                        "A preset other than 'custom' overrides the settings it names (shown in the summary).",
+            inputs=[
+                io.Combo.Input("preset", options=["custom", "character", "style", "low memory"], default="custom",
+                               tooltip="character: rank 16, transformer blocks, cosine, min-SNR 5. style: rank 32 "
+                               "+ conv layers. low memory: rank 8 attention-only, Adafactor, checkpointing, bf16. "
+                               "custom: exactly the values below."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (dim). Higher learns more detail "
+                             "and makes a bigger file. 8-32 is typical."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="Scale = alpha / "
+                               "rank. alpha = rank gives scale 1 (our default); kohya's alpha 1 means scale 1/rank, "
+                               "which needs a proportionally higher learning rate."),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.05,
+                               tooltip="Dropout on the LoRA input during training (regularisation). 0 is usual."),
+                io.Combo.Input("targets", options=["attention", "transformer", "full"], default="transformer",
+                               tooltip="attention: q/k/v/out only. transformer: every linear in transformer blocks "
+                               "(kohya's default). full: also resnet and up/down-sampling convs (LoCon)."),
+                io.Int.Input("conv_rank", default=0, min=0, max=256, tooltip="Rank of the 3x3 conv adapters used by "
+                             "'full'. 0 = same as rank."),
+                io.Combo.Input("optimizer", options=OPTIMIZERS, default="adamw", tooltip="adamw: reliable default. "
+                               "adamw8bit / lion8bit: less memory, need bitsandbytes and a CUDA GPU. adafactor: "
+                               "smallest state, works everywhere. sgd: plain momentum."),
+                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5, round=False,
+                               tooltip="Peak learning rate for the UNet adapters. 1e-4 for AdamW at alpha = rank."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-5, round=False,
+                               tooltip="Learning rate for text-encoder adapters. 0 = same as learning_rate."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default="constant_with_warmup",
+                               tooltip="How the learning rate changes over the run (after warmup)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000,
+                             tooltip="Steps to ramp the learning rate up from 0."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="Decoupled weight decay (AdamW, Lion, SGD)."),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Clip the gradient norm to this. 0 disables clipping."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Micro-batches per optimizer step: effective batch = batch size x this."),
+                io.Combo.Input("loss", options=["mse", "huber", "l1"], default="mse",
+                               tooltip="Loss on the model's own prediction (eps / v). Huber is robust to outliers."),
+                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal", "shifted"], default="uniform",
+                               tooltip="Which noise levels to train on. uniform: all equally. logit_normal: "
+                               "more mid-range. shifted: more high noise (flow models)."),
+                io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=20.0, step=0.5,
+                               tooltip="Min-SNR-gamma loss weighting (5 is standard; 0 turns it off). Stabilises "
+                               "training by down-weighting easy low-noise steps."),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01,
+                               tooltip="Adds a per-channel offset to the noise so the LoRA can learn very dark or "
+                               "bright images. 0.05-0.1 if you need that; 0 otherwise."),
+                io.Combo.Input("mixed_precision", options=["no", "bf16", "fp16"], default="no",
+                               tooltip="Compute precision. bf16 halves activation memory on modern GPUs; fp16 uses "
+                               "a gradient scaler. Adapters always stay fp32. 'no' on the CPU."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
+                                 "backward pass: much less memory, about 30% slower."),
+                io.Boolean.Input("train_text_encoder", default=False, tooltip="Also train adapters on the text "
+                                 "encoder(s). Captions are then encoded every step (no text cache)."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=False,
+                               tooltip="Keep an exponential moving average of the adapter weights (e.g. 0.999) and "
+                               "save it as a second file. 0 disables."),
+                io.Int.Input("clip_skip", default=1, min=1, max=12,
+                             tooltip="Use the text encoder's n-th layer from the end (2 for many anime models)."),
+            ],
+            outputs=[TrainConfig.Output(display_name="config"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, preset, rank, alpha, dropout, targets, conv_rank, optimizer, learning_rate, text_encoder_lr,
+                scheduler, warmup_steps, weight_decay, max_grad_norm, grad_accumulation, loss, timestep_sampling,
+                min_snr_gamma, noise_offset, mixed_precision, gradient_checkpointing, train_text_encoder,
+                ema_decay, clip_skip) -> io.NodeOutput:
+        from ..trainer.config import NetworkConfig, ObjectiveConfig, OptimizerConfig
+        from ..trainer.config import TrainConfig as Config
+        from ..trainer.presets import apply_preset, describe
+
+        config = Config(
+            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, ema_decay=ema_decay,
+            clip_skip=clip_skip,
+            network=NetworkConfig(rank=rank, alpha=alpha, dropout=dropout, preset=targets, conv_rank=conv_rank,
+                                  conv_alpha=alpha if conv_rank == 0 else min(alpha, float(conv_rank)),
+                                  train_text_encoder=train_text_encoder),
+            optimizer=OptimizerConfig(name=optimizer, learning_rate=learning_rate,
+                                      text_encoder_lr=text_encoder_lr or None, weight_decay=weight_decay,
+                                      scheduler=scheduler, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                                      grad_accumulation=grad_accumulation),
+            objective=ObjectiveConfig(loss=loss, timestep_sampling=timestep_sampling, min_snr_gamma=min_snr_gamma,
+                                      noise_offset=noise_offset),
+        )
+        config = apply_preset(config, preset)
+        summary = describe(config)
+        return io.NodeOutput(config, summary, ui=ui.PreviewText(summary))

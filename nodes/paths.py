@@ -1,0 +1,67 @@
+"""Where things live inside ComfyUI: dataset folders, LoRA files, run folders and caches."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..trainer.host import TrainingError
+
+SAFE_PART = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def _folder_paths():
+    import folder_paths
+
+    return folder_paths
+
+
+def resolve_dataset_folder(folder: str) -> Path:
+    """An absolute path, or a sub-folder of ComfyUI's input folder."""
+    text = (folder or "").strip().strip('"')
+    if not text:
+        raise TrainingError("Load Dataset: 'folder' is empty; give an absolute path or a sub-folder of "
+                            f"ComfyUI's input folder ({_folder_paths().get_input_directory()})")
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return path
+    return Path(_folder_paths().get_input_directory()) / path
+
+
+def loralab_root() -> Path:
+    return Path(_folder_paths().get_output_directory()) / "loralab"
+
+
+def runs_root() -> Path:
+    return loralab_root() / "runs"
+
+
+def default_cache_dir() -> Path:
+    return loralab_root() / "cache"
+
+
+def sanitize_name(name: str, fallback: str = "lora") -> str:
+    """One path component: unsafe characters replaced, no dots at the start, never empty."""
+    cleaned = SAFE_PART.sub("_", name).strip(" .")
+    return cleaned[:120] or fallback
+
+
+def lora_output_path(filename: str) -> Path:
+    """A file under models/loras (sub-folders allowed), sanitised so it can never escape that folder."""
+    root = Path(_folder_paths().get_folder_paths("loras")[0]).resolve()
+    parts = [sanitize_name(p) for p in re.split(r"[\\/]+", filename or "") if p.strip() not in ("", ".", "..")]
+    if not parts:
+        parts = ["lora"]
+    if not parts[-1].lower().endswith(".safetensors"):
+        parts[-1] += ".safetensors"
+    path = root.joinpath(*parts).resolve()
+    if root not in path.parents:
+        raise TrainingError(f"Save LoRA: file name '{filename}' would leave the loras folder ({root})")
+    return path
+
+
+def refresh_lora_list() -> None:
+    """Drop ComfyUI's cached file list so LoraLoader shows a new file without restarting."""
+    fp = _folder_paths()
+    cache = getattr(fp, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop("loras", None)

@@ -1,0 +1,217 @@
+"""Noise schedules: how a clean latent is noised, what the model should predict, and how noise levels are drawn.
+
+Two families cover SD1.5/SDXL and flow-matching models:
+
+* :class:`DiscreteSchedule` - variance-preserving DDPM form, ``xt = sqrt(a)*x0 + sqrt(1-a)*eps`` with
+  ``a = alphas_cumprod[t]``. Timesteps are integer indices ``0..N-1`` (long tensor); higher = noisier.
+  Targets: ``eps`` -> eps, ``v`` -> ``sqrt(a)*eps - sqrt(1-a)*x0``. SNR = ``a / (1-a)``.
+* :class:`FlowSchedule` - rectified flow, ``xt = (1-s)*x0 + s*eps``; the timestep *is* sigma ``s`` in (0, 1)
+  (float tensor); target velocity ``eps - x0``. SNR = ``((1-s)/s)**2``.
+
+Timesteps are drawn on the CPU from the caller's ``torch.Generator`` (so a saved generator state resumes the same
+draws) and returned on the CPU; ``add_noise``/``target``/``snr`` accept them on any device.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .config import ConfigError, ObjectiveConfig
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+# diffusers spells prediction types differently; accept both so hosts can pass scheduler configs through.
+PREDICTION_ALIASES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "flow": "flow"}
+SIGMA_MARGIN = 1e-5  # flow sigmas stay inside (0, 1): SNR is infinite at 0 and the target degenerate at 1
+
+
+def check_choice(setting: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ConfigError naming the setting."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{setting} = {value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift ``shift*s / (1 + (shift-1)*s)``: shift > 1 moves mass towards noisier levels."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_unit_interval(batch_size: int, generator: Optional[torch.Generator], cfg: ObjectiveConfig,
+                         default_shift: float = 1.0) -> torch.Tensor:
+    """Draw noise levels in [0, 1] (float32, CPU) according to ``cfg.timestep_sampling``.
+
+    ``uniform``: U(0, 1). ``logit_normal``: sigmoid(N(logit_mean, logit_std)), SD3's choice, concentrating on
+    mid noise levels. ``shifted``: the logit-normal draw passed through :func:`time_shift` with ``cfg.flow_shift``
+    (kohya/musubi's "shift" sampling); ``flow_shift <= 0`` means the schedule's own shift (``default_shift``).
+    """
+    kind = check_choice("objective.timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
+    if kind == "uniform":
+        return torch.rand(batch_size, generator=generator)
+    if cfg.logit_std <= 0:
+        raise ConfigError(f"objective.logit_std = {cfg.logit_std} must be > 0 (1.0 is the usual value)")
+    u = torch.randn(batch_size, generator=generator) * cfg.logit_std + cfg.logit_mean
+    sigma = torch.sigmoid(u)
+    if kind == "shifted":
+        shift = cfg.flow_shift if cfg.flow_shift > 0 else default_shift
+        sigma = time_shift(sigma, shift)
+    return sigma
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) coefficients -> (B, 1, 1, ...) on ``like``'s device and dtype, to broadcast over a latent."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class NoiseSchedule:
+    """Base class. ``prediction`` is the model's parameterization: "eps", "v" or "flow".
+
+    ``timestep_unit`` says what a timestep means: ``"index"`` (integer 0..N-1, DDPM) or ``"sigma"`` (float in
+    (0, 1), flow). Hosts convert it to whatever their denoiser expects.
+    """
+
+    prediction: str
+    timestep_unit: str
+
+    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator],
+                         cfg: ObjectiveConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def x0_from_prediction(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent implied by a model output (previews, tests)."""
+        raise NotImplementedError
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio per timestep, float32 on ``t``'s device."""
+        raise NotImplementedError
+
+
+class DiscreteSchedule(NoiseSchedule):
+    timestep_unit = "index"
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps"):
+        prediction = PREDICTION_ALIASES.get(prediction, prediction)
+        self.prediction = check_choice("prediction", prediction, ("eps", "v"))
+        # float64 on the CPU: 1 - a is tiny at t=0 and float32 would lose most of its digits
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+        if self.alphas_cumprod.ndim != 1 or len(self.alphas_cumprod) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D tensor with at least 2 entries")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @classmethod
+    def from_betas(cls, beta_start: float = 0.00085, beta_end: float = 0.012, schedule: str = "scaled_linear",
+                   num: int = 1000, prediction: str = "eps", zero_terminal_snr: bool = False) -> "DiscreteSchedule":
+        """SD1.5/SDXL use ``scaled_linear`` (linear in sqrt(beta), then squared) - ComfyUI calls the same thing
+        "linear". ``linear`` here is diffusers' plain linspace of betas."""
+        check_choice("beta schedule", schedule, ("scaled_linear", "linear"))
+        if schedule == "scaled_linear":
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(beta_start, beta_end, num, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        if zero_terminal_snr:
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        return cls(alphas_cumprod, prediction)
+
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor, prediction: str = "eps") -> "DiscreteSchedule":
+        """ComfyUI's ``model_sampling.sigmas`` are ``sqrt((1-a)/a)``, so ``a = 1 / (1 + sigma**2)``."""
+        sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+        return cls(1.0 / (1.0 + sigmas ** 2), prediction)
+
+    def sample_timesteps(self, batch_size, generator, cfg):
+        """Integer indices (long, CPU). ``uniform`` draws integers directly; ``logit_normal``/``shifted`` draw a
+        level in (0, 1) as for flow models and map it to ``floor(level * N)``, so shift > 1 favours noisier
+        (higher) indices exactly as it favours higher sigmas in a flow schedule."""
+        n = self.num_timesteps
+        if cfg.timestep_sampling == "uniform":
+            return torch.randint(0, n, (batch_size,), generator=generator)
+        level = sample_unit_interval(batch_size, generator, cfg)
+        return (level * n).floor().long().clamp_(0, n - 1)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
+        a = self.alphas_cumprod[t.detach().to("cpu").long()]
+        return _per_sample(a.sqrt(), like), _per_sample((1 - a).sqrt(), like)
+
+    def add_noise(self, x0, noise, t):
+        signal, noise_scale = self._coefficients(t, x0)
+        return signal * x0 + noise_scale * noise
+
+    def target(self, x0, noise, t):
+        if self.prediction == "eps":
+            return noise
+        signal, noise_scale = self._coefficients(t, x0)
+        return signal * noise - noise_scale * x0
+
+    def x0_from_prediction(self, xt, pred, t):
+        signal, noise_scale = self._coefficients(t, xt)
+        if self.prediction == "eps":
+            return (xt - noise_scale * pred) / signal
+        return signal * xt - noise_scale * pred  # v: since signal**2 + noise_scale**2 == 1
+
+    def snr(self, t):
+        a = self.alphas_cumprod[t.detach().to("cpu").long()]
+        return (a / (1 - a)).to(device=t.device, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): shift and scale
+    sqrt(a) so the last step is pure noise while the first keeps its value. The last a is set to a tiny positive
+    value instead of 0 so sigma and 1/SNR stay finite (ComfyUI's zsnr does the same)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    rescaled = root ** 2
+    rescaled[-1] = 1e-8
+    return rescaled
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow. ``shift`` is the model's own sampling shift (ComfyUI's ``model_sampling.shift``; SD3 uses
+    3.0, Flux resolution-dependent); ``shifted`` sampling uses it when ``objective.flow_shift <= 0``."""
+
+    prediction = "flow"
+    timestep_unit = "sigma"
+
+    def __init__(self, shift: float = 1.0):
+        if shift <= 0:
+            raise ValueError(f"flow shift must be > 0, got {shift}")
+        self.shift = float(shift)
+
+    def sample_timesteps(self, batch_size, generator, cfg):
+        sigma = sample_unit_interval(batch_size, generator, cfg, default_shift=self.shift)
+        return sigma.clamp_(SIGMA_MARGIN, 1 - SIGMA_MARGIN)
+
+    def add_noise(self, x0, noise, t):
+        sigma = _per_sample(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+    def x0_from_prediction(self, xt, pred, t):
+        return xt - _per_sample(t, xt) * pred
+
+    def snr(self, t):
+        sigma = t.to(torch.float32)
+        return ((1 - sigma) / sigma) ** 2
+
+
+def describe_timesteps(cfg: ObjectiveConfig) -> str:
+    """One line for logs and metadata."""
+    if cfg.timestep_sampling == "uniform":
+        return "uniform"
+    text = f"logit_normal(mean={cfg.logit_mean:g}, std={cfg.logit_std:g})"
+    if cfg.timestep_sampling == "shifted":
+        text += f" shifted by {cfg.flow_shift:g}" if cfg.flow_shift > 0 else " shifted by the model's shift"
+    return text

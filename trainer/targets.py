@@ -1,0 +1,119 @@
+"""Which modules carry adapters (presets, with kohya semantics) and under which kohya name.
+
+Presets, for a UNet:
+
+* ``attention``   — to_q, to_k, to_v, to_out.0 of the attention layers inside transformer containers.
+* ``transformer`` — every Linear and 1x1 Conv2d inside transformer containers (kohya's default: attn1/attn2 q/k/v/out,
+  ff.net.0.proj, ff.net.2, proj_in, proj_out). SD1.5: 192 modules, SDXL: 722.
+* ``full``        — transformer + every Linear/Conv2d inside resnet, downsample and upsample containers
+  (kohya's LoCon / "C3Lier" set: time_emb_proj, 1x1 skip convs and the 3x3 convs; the 3x3 ones get the conv rank).
+
+Containers are found by class name, per naming scheme (``diffusers``: Transformer2DModel, ResnetBlock2D,
+Downsample2D, Upsample2D; ``ldm``, i.e. ComfyUI: SpatialTransformer, ResBlock, Downsample, Upsample), so the same
+code serves the diffusers host and the ComfyUI host. Text encoders: the CLIP attention/MLP linears
+(q_proj, k_proj, v_proj, out_proj, fc1, fc2) of every encoder layer, as kohya does.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional
+
+from .host import AdapterTarget
+from .kohya_names import DIFFUSERS_CLASSES, LDM_CLASSES, TE_PREFIXES, _kind_of, kohya_name, unet_namer
+
+PRESETS = ("attention", "transformer", "full")
+SCHEMES = {"diffusers": DIFFUSERS_CLASSES, "ldm": LDM_CLASSES}
+
+_ATTENTION_LEAF = re.compile(r"(^|\.)attn\d+\.(to_q|to_k|to_v|to_out\.0)$")
+_CLIP_LEAF = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def _is_adaptable(module) -> bool:
+    from torch import nn
+
+    return isinstance(module, (nn.Linear, nn.Conv2d))  # ComfyUI's ops subclass these
+
+
+def is_conv3x3(module) -> bool:
+    """A Conv2d whose kernel is not 1x1: it gets the conv rank (LoCon) instead of the linear rank."""
+    from torch import nn
+
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def select_unet_modules(root, preset: str, scheme: str = "diffusers",
+                        include_conv3x3: bool = True) -> list[tuple[str, Any]]:
+    """(module path, module) pairs for a preset, in module order. Paths are relative to ``root``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown network preset '{preset}' (choose one of: {', '.join(PRESETS)})")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown UNet naming scheme '{scheme}' (use one of: {', '.join(SCHEMES)})")
+    kinds = {"attention"} if preset != "full" else {"attention", "resnet", "down", "up"}
+    picked: dict[str, Any] = {}
+    for path, container in root.named_modules():
+        if _kind_of(container, SCHEMES[scheme]) not in kinds:
+            continue
+        for child_path, child in container.named_modules():
+            full = f"{path}.{child_path}" if path and child_path else (path or child_path)
+            if not child_path or full in picked or not _is_adaptable(child):
+                continue
+            if preset == "attention" and not _ATTENTION_LEAF.search(full):
+                continue
+            if is_conv3x3(child) and (preset != "full" or not include_conv3x3):
+                continue
+            picked[full] = child
+    return list(picked.items())
+
+
+def unet_targets(unet, family: str, preset: str, scheme: str = "diffusers",
+                 ldm_to_diffusers: Optional[Mapping[str, str]] = None,
+                 include_conv3x3: bool = True) -> list[AdapterTarget]:
+    """Adapter targets of a UNet under kohya names.
+
+    scheme "diffusers": ``unet`` is a diffusers UNet2DConditionModel (its ``config`` gives the SDXL ldm names).
+    scheme "ldm": ``unet`` is ComfyUI's ``model.model.diffusion_model``. For SD1.5 the kohya names are diffusers
+    paths: pass ComfyUI's ``comfy.utils.unet_to_diffusers(unet_config)`` as ``ldm_to_diffusers`` (either
+    orientation is accepted); without it the map is derived from the module tree.
+    ``include_conv3x3=False`` keeps the "full" preset to its Linear and 1x1 convs.
+    """
+    name_of: Callable[[str], str] = unet_namer(
+        family, scheme, config=getattr(unet, "config", None) if scheme == "diffusers" else None,
+        ldm_root=unet if scheme == "ldm" else None, ldm_to_diffusers_map=ldm_to_diffusers)
+    targets = [AdapterTarget(name_of(path), module, "unet")
+               for path, module in select_unet_modules(unet, preset, scheme, include_conv3x3)]
+    return _check_unique(targets)
+
+
+def text_encoder_targets(te, prefix: str, path_prefix: str = "", component: Optional[str] = None
+                         ) -> list[AdapterTarget]:
+    """Adapter targets of an HF-CLIP-layout text encoder (``text_model.encoder.layers.N.self_attn.q_proj`` ...).
+
+    ``prefix`` is "lora_te" (SD1.5), "lora_te1" or "lora_te2" (SDXL). When ``te`` wraps the CLIP model under a path
+    (ComfyUI: ``clip_l.transformer.text_model...``), pass that path as ``path_prefix`` (e.g. "transformer."): only
+    modules under it are considered and it is stripped from the names.
+    """
+    components = {v: k for k, v in TE_PREFIXES.items()}
+    if component is None:
+        if prefix not in components:
+            raise ValueError(f"unknown text encoder prefix '{prefix}' (use one of: {', '.join(components)})")
+        component = components[prefix]
+    if path_prefix and not path_prefix.endswith("."):
+        path_prefix += "."
+    targets = []
+    for path, module in te.named_modules():
+        if not path.startswith(path_prefix):
+            continue
+        rel = path[len(path_prefix):]
+        if _CLIP_LEAF.search(rel) and _is_adaptable(module):
+            targets.append(AdapterTarget(kohya_name(prefix, rel), module, component))
+    return _check_unique(targets)
+
+
+def _check_unique(targets: list[AdapterTarget]) -> list[AdapterTarget]:
+    seen: dict[str, int] = {}
+    for t in targets:
+        seen[t.name] = seen.get(t.name, 0) + 1
+    dupes = [n for n, c in seen.items() if c > 1]
+    if dupes:
+        raise ValueError(f"two modules map to the same LoRA name: {dupes[0]}")
+    return targets
