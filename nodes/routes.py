@@ -22,11 +22,11 @@ from typing import Callable, Optional, Union
 
 log = logging.getLogger("loralab")
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Run folder names come from nodes/paths.py sanitize_name (letters, digits, "._ -") plus "-<key>"; no separators.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,198}[A-Za-z0-9_.-])?$")
 PREVIEW_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(?:png|jpg|jpeg|webp)$", re.IGNORECASE)
 HISTORY_PATH = "/loralab/runs/{run}/history"
 PREVIEW_PATH = "/loralab/runs/{run}/previews/{name}"
-RUNS_DIR_NAME = "loralab_runs"
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 PathLike = Union[str, os.PathLike]
@@ -50,27 +50,29 @@ def set_runs_root(path: Optional[PathLike]) -> None:
 
 
 def runs_root() -> Path:
-    """Where run folders live: the override, else ``$LORALAB_RUNS_ROOT``, else ComfyUI's
-    ``<output>/loralab_runs``, else ``./runs`` when ComfyUI is not importable (headless use)."""
+    """Where run folders live: the override (set_runs_root), else ``$LORALAB_RUNS_ROOT``, else the folder Train LoRA
+    writes to inside ComfyUI (``nodes/paths.py`` runs_root: ``<output>/loralab/runs``), else ``./runs`` when
+    ComfyUI is not importable (headless use)."""
     if _root_override is not None:
         return _root_override
     env = os.environ.get("LORALAB_RUNS_ROOT")
     if env:
         return Path(env)
     try:
-        import folder_paths  # ComfyUI
+        from .paths import runs_root as comfy_runs_root  # the same function Train LoRA uses
 
-        return Path(folder_paths.get_output_directory()) / RUNS_DIR_NAME
-    except ImportError:
+        return comfy_runs_root()
+    except ImportError:  # not inside the pack's package, or no ComfyUI (folder_paths)
         return Path("runs")
 
 
 def valid_run_id(run: str) -> bool:
-    return isinstance(run, str) and bool(RUN_ID_RE.match(run)) and ".." not in run
+    """One folder name: starts with a letter/digit (so never "." or ".."), no separators, no control characters."""
+    return isinstance(run, str) and RUN_ID_RE.fullmatch(run) is not None
 
 
 def valid_preview_name(name: str) -> bool:
-    return isinstance(name, str) and bool(PREVIEW_NAME_RE.match(name)) and ".." not in name
+    return isinstance(name, str) and PREVIEW_NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
 def _inside(root: Path, path: Path) -> bool:

@@ -26,8 +26,9 @@ def run_key(host, latents_value, config) -> str:
     digest.update(host.text_encoder_id.encode())
     digest.update(config.digest().encode())
     digest.update(json.dumps(dataclasses.asdict(latents_value.dataset_config), sort_keys=True).encode())
-    for sample in latents_value.latents.samples:
-        digest.update(f"{sample.key}|{sample.caption}|{sample.repeats}".encode())
+    for s in latents_value.latents.samples:
+        digest.update(f"{s.content_hash}|{s.bucket}|{s.crop_top_left}|{s.caption}|{s.repeats}|{s.resolution}".encode())
+        digest.update(s.latent.float().numpy().tobytes())  # covers the VAE that encoded it
     return digest.hexdigest()[:12]
 
 

@@ -103,6 +103,19 @@ def test_eight_bit_that_cannot_run_on_the_device_says_why(monkeypatch):
         optim.build_optimizer([{"params": quadratic_params()}], OptimizerConfig(name="lion8bit"), "cpu")
 
 
+def test_real_bitsandbytes_if_installed():
+    """Where bitsandbytes is installed it either trains here or refuses with the clear message."""
+    pytest.importorskip("bitsandbytes")
+    params = [torch.nn.Parameter(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))]
+    before = quadratic_loss(params).item()
+    try:
+        opt = optim.build_optimizer([{"params": params}], OptimizerConfig(name="adamw8bit", learning_rate=0.05), "cpu")
+    except ConfigError as e:
+        assert "cannot run AdamW8bit on device 'cpu'" in str(e)
+        return
+    assert run(opt, params, 30) < 0.5 * before
+
+
 def test_unknown_optimizer_and_scheduler_name_the_setting():
     with pytest.raises(ConfigError, match="optimizer.name = 'prodigy'.*adamw, adamw8bit, lion8bit, adafactor, sgd"):
         optim.build_optimizer([{"params": quadratic_params()}], OptimizerConfig(name="prodigy"), "cpu")
@@ -154,11 +167,11 @@ def test_scheduler_drives_optimizer_lr_and_round_trips_state():
     opt2 = optim.build_optimizer([{"params": quadratic_params()}], cfg, "cpu")
     sched2 = optim.build_lr_scheduler(opt2, cfg, 12)
     sched2.load_state_dict(state)
-    opt2.param_groups[0]["lr"] = opt.param_groups[0]["lr"]  # the optimizer's state_dict carries this in practice
     for _ in range(4):
         sched.step()
         sched2.step()
         assert sched.get_last_lr() == sched2.get_last_lr()
+        assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
 
 
 @pytest.mark.parametrize("bad", [{"warmup_steps": -1}, {"scheduler": "cosine_with_restarts", "num_cycles": 0},

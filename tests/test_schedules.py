@@ -162,3 +162,11 @@ def test_low_precision_latents_keep_dtype_and_device():
     t = torch.tensor([1, 2, 3, 4, 5, 6])
     assert s.add_noise(x0, eps, t).dtype == torch.bfloat16
     assert s.target(x0, eps, t).dtype == torch.bfloat16
+
+
+def test_describe_timesteps_for_logs():
+    from trainer.schedules import describe_timesteps
+
+    assert describe_timesteps(ObjectiveConfig()) == "uniform"
+    assert describe_timesteps(ObjectiveConfig(timestep_sampling="shifted", flow_shift=3)) == \
+        "logit_normal(mean=0, std=1) shifted by 3"

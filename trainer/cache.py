@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -329,13 +330,18 @@ def _encode_jobs(jobs, encode_images, store, latents, stats, torch_dtype, batch_
     return set(failed)
 
 
+def training_image(item: ImageItem, plan: CropPlan) -> "Image.Image":
+    """The exact pixels a sample trains on: the file read once, checked against the scanned hash (so a cache
+    entry never stores pixels of another version of the file), decoded at reduced scale where possible, cut."""
+    data = _read(item.path)
+    if hashlib.sha256(data).hexdigest() != item.content_hash:
+        raise ImageReadError(item.path, "file changed since the dataset was scanned; load the dataset again")
+    return apply_crop_plan(load_image(data, item.path, target_size=plan.resized_size), plan)
+
+
 def _pixels(job: _Job) -> list[np.ndarray]:
     """HWC uint8 arrays of the bucket size, one per variant still to encode."""
-    data = _read(job.item.path)
-    if hashlib.sha256(data).hexdigest() != job.item.content_hash:
-        raise ImageReadError(job.item.path, "file changed since the dataset was scanned; load the dataset again")
-    image = apply_crop_plan(load_image(data, job.item.path, target_size=job.plan.resized_size), job.plan)
-    base = np.asarray(image)
+    base = np.asarray(training_image(job.item, job.plan))
     return [np.ascontiguousarray(base[:, ::-1]) if flip else base for flip, _ in job.variants]
 
 

@@ -54,10 +54,11 @@ def read_caption_file(path: str | Path) -> tuple[str, Optional[str]]:
 
 def contains_word(text: str, phrase: str) -> bool:
     """Case-insensitive whole-word search: "ohwx" is in "a photo of OHWX" but not in "ohwxy"."""
-    phrase = normalise_whitespace(phrase)
-    if not phrase:
+    words = phrase.split()
+    if not words:
         return False
-    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE) is not None
+    pattern = r"\s+".join(re.escape(w) for w in words)  # "sks man" also matches "sks  man"
+    return re.search(rf"(?<!\w){pattern}(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
 def tag_joiner(separator: str) -> str:

@@ -58,16 +58,17 @@ def check_image(data: bytes, path: Union[str, os.PathLike]) -> tuple[int, int]:
     Other formats (WebP, BMP) are rare in datasets and decoded fully.
     """
     with _open(data, path) as img:
-        size = _oriented_size(img)
+        size = _oriented_size(img, data)
         with _translate_errors(path):
-            if img.format == "PNG":
-                img.verify()
-            elif img.format == "JPEG":
+            if img.format == "JPEG":
                 if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
                     img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
                     img.load()
-            else:
+            elif img.format != "PNG":
                 img.load()
+    if img.format == "PNG":
+        with _open(data, path) as fresh, _translate_errors(path):
+            fresh.verify()  # must be the first thing done with an opened PNG; reading EXIF above spoils that
     return size
 
 
@@ -81,14 +82,14 @@ def load_image(
     """
     with _open(source, path) as img:
         with _translate_errors(path or source):
-            orientation = _orientation(img)
             if target_size is not None and img.format == "JPEG":
                 tw, th = target_size
-                if orientation in _SWAPS_AXES:
+                if _orientation(img) in _SWAPS_AXES:
                     tw, th = th, tw
                 img.draft(None, (max(1, tw), max(1, th)))  # libjpeg picks the largest reduction still >= target
             img.load()
-            if orientation not in (1, None):
+            orientation = _orientation(img)  # after load(): a PNG's eXIf chunk may follow the pixel data
+            if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             return to_rgb(img)
 
@@ -140,16 +141,20 @@ def _open(source: Source, path: Optional[Union[str, os.PathLike]]) -> Image.Imag
         return Image.open(stream)
 
 
-def _orientation(img: Image.Image) -> int:
+def _orientation(img: Image.Image, data: Optional[bytes] = None) -> int:
+    """EXIF orientation without decoding: Pillow's PNG getexif() decodes the whole image to look for an eXIf
+    chunk after the pixel data, so that search is skipped unless the bytes contain one (or the PNG is loaded)."""
     try:
+        if img.format == "PNG" and "exif" not in img.info and (data is None or b"eXIf" not in data):
+            return 1
         return int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
     except Exception:  # malformed EXIF never makes an image unusable
         return 1
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
+def _oriented_size(img: Image.Image, data: Optional[bytes] = None) -> tuple[int, int]:
     w, h = img.size
-    return (h, w) if _orientation(img) in _SWAPS_AXES else (w, h)
+    return (h, w) if _orientation(img, data) in _SWAPS_AXES else (w, h)
 
 
 class _translate_errors:

@@ -141,8 +141,8 @@ def config_from_ldm(root) -> dict[str, Any]:
     for attr in ("input_blocks", "middle_block", "output_blocks"):
         if not hasattr(root, attr):
             raise ValueError(f"not an ldm UNet: it has no '{attr}' (is this a diffusers UNet? use scheme='diffusers')")
-    down = levels(list(root.input_blocks)[1:], "down")
-    up = levels(list(root.output_blocks), "up")
+    down = levels(list(root.input_blocks.children())[1:], "down")
+    up = levels(list(root.output_blocks.children()), "up")
     if [layers for layers, _ in up] != [layers + 1 for layers, _ in reversed(down)]:
         raise ValueError("ldm UNet: input and output blocks do not mirror each other; cannot map names")
     mid_kinds = {k for block in [root.middle_block] for k in kinds(block)}

@@ -76,7 +76,7 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
     # --- the adapter network, optimizer, schedule -----------------------------------------------------------
     net_cfg = cfg.network
     targets = host.adapter_targets(net_cfg.preset, net_cfg.conv_rank > 0, net_cfg.train_text_encoder)
-    network = LoRANetwork(targets, net_cfg).to(device)
+    network = LoRANetwork(targets, net_cfg, device=device, generator=torch.Generator().manual_seed(cfg.seed))
     if net_cfg.init_from:
         from .lora_file import load_lora
 
@@ -89,6 +89,7 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
     autocast_dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
 
+    torch.manual_seed(cfg.seed)  # adapter dropout draws from the global RNG (saved and restored on resume)
     sampler = BatchSampler(latents.samples, cfg.batch_size, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     caption_rng = random.Random(cfg.seed)
@@ -133,9 +134,10 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
             hooks.on_save(at_step, path)
         return path
 
-    def report(phase: str, **values):
+    def report(phase: str, lr=None, **values):
         if reporter is not None:
-            reporter.report(phase, step=step, lr=scheduler.get_last_lr()[0], mem=host.memory(), **values)
+            lr = scheduler.get_last_lr()[0] if lr is None else lr
+            reporter.report(phase, step=step, lr=lr, mem=host.memory, **values)
 
     # --- text conditioning is encoded once, up front (cached on disk by caption text) ----------------------
     report("encoding", message="encoding captions")
@@ -191,7 +193,7 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
                     runlog.log(step, step_loss, lr)
                 if hooks.on_step:
                     hooks.on_step(step, step_loss, lr)
-                report("training", loss=step_loss)
+                report("training", loss=step_loss, lr=lr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     report("saving", loss=step_loss)
                     snapshot_state(step, rng_at_step_start)

@@ -91,6 +91,8 @@ def format_number(v: float, step: Optional[float] = None) -> str:
         if min(frac, 1 - frac) > 1e-6 and decimals < 6:  # steps like 2.5, 0.25
             decimals += 1
         return f"{v:.{decimals}f}"
+    if a >= 1000:
+        return f"{v:.0f}"
     return f"{v:.4g}"
 
 

@@ -25,7 +25,7 @@ PRESETS = ("attention", "transformer", "full")
 SCHEMES = {"diffusers": DIFFUSERS_CLASSES, "ldm": LDM_CLASSES}
 
 _ATTENTION_LEAF = re.compile(r"(^|\.)attn\d+\.(to_q|to_k|to_v|to_out\.0)$")
-_CLIP_LEAF = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+_CLIP_LEAF = re.compile(r"(^|\.)encoder\.layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 
 
 def _is_adaptable(module) -> bool:
@@ -88,6 +88,8 @@ def text_encoder_targets(te, prefix: str, path_prefix: str = "", component: Opti
                          ) -> list[AdapterTarget]:
     """Adapter targets of an HF-CLIP-layout text encoder (``text_model.encoder.layers.N.self_attn.q_proj`` ...).
 
+    Names are always ``<prefix>_text_model_encoder_layers_N_<leaf>`` (kohya), whether or not the module tree has the
+    ``text_model`` level (transformers 5's CLIPTextModel does not).
     ``prefix`` is "lora_te" (SD1.5), "lora_te1" or "lora_te2" (SDXL). When ``te`` wraps the CLIP model under a path
     (ComfyUI: ``clip_l.transformer.text_model...``), pass that path as ``path_prefix`` (e.g. "transformer."): only
     modules under it are considered and it is stripped from the names.
@@ -103,9 +105,12 @@ def text_encoder_targets(te, prefix: str, path_prefix: str = "", component: Opti
     for path, module in te.named_modules():
         if not path.startswith(path_prefix):
             continue
-        rel = path[len(path_prefix):]
-        if _CLIP_LEAF.search(rel) and _is_adaptable(module):
-            targets.append(AdapterTarget(kohya_name(prefix, rel), module, component))
+        match = _CLIP_LEAF.search(path[len(path_prefix):])
+        if match and _is_adaptable(module):
+            # Canonical HF-CLIP path whatever wraps the layers: transformers 5 dropped the `text_model.` level of
+            # CLIPTextModel (CLIPTextModelWithProjection keeps it), but kohya/ComfyUI/diffusers keys always have it.
+            canonical = f"text_model.encoder.layers.{match.group(2)}.{match.group(3)}"
+            targets.append(AdapterTarget(kohya_name(prefix, canonical), module, component))
     return _check_unique(targets)
 
 

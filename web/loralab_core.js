@@ -142,31 +142,35 @@ export function formatRate(itPerS) {
   return `${spi >= 100 ? spi.toFixed(0) : spi.toFixed(2)} s/it`;
 }
 
-/** Memory line parts: label and text for the bar. */
+const BYTE_UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
+
+/** Bytes in a given unit index (2 = MiB, 3 = GiB) without the unit: 7.25 * 2**30, 3 -> "7.25". */
+export function formatBytesIn(b, unit) {
+  if (!isNum(b) || b < 0) return "–";
+  const v = b / Math.pow(1024, unit);
+  return v.toFixed(unit === 0 ? 0 : v >= 100 ? 0 : v >= 10 ? 1 : 2);
+}
+
+/**
+ * Memory line: {kind: "gpu"|"cpu"|"none", label, main, detail, text, fractions}. Numbers share the unit of the total
+ * ("7.48 / 24.0 GiB"); `detail` holds reserved and peak (GPU) or peak (CPU); `text` is main + detail.
+ */
 export function describeMemory(mem) {
   if (!mem || typeof mem !== "object" || !isNum(mem.total) || mem.total <= 0) {
-    return { kind: "none", label: "Memory", text: "n/a", fractions: null };
+    return { kind: "none", label: "Memory", main: "n/a", detail: "", text: "n/a", fractions: null };
   }
   const dev = String(mem.device || "");
   const cpu = dev === "cpu" || dev === "mps" || dev === "unknown" || dev === "";
   const f = (v) => (isNum(v) ? Math.max(0, Math.min(1, v / mem.total)) : 0);
   const fractions = { allocated: f(mem.allocated), reserved: f(mem.reserved), peak: f(mem.peak) };
-  if (cpu) {
-    return {
-      kind: "cpu",
-      label: dev === "mps" ? "Memory (mps, unified)" : "RAM (process)",
-      text: `${formatBytes(mem.allocated)} · peak ${formatBytes(mem.peak)} / ${formatBytes(mem.total)}`,
-      fractions,
-    };
-  }
-  return {
-    kind: "gpu",
-    label: `VRAM ${dev}`,
-    text:
-      `${formatBytes(mem.allocated)} alloc · ${formatBytes(mem.reserved)} reserved · ` +
-      `peak ${formatBytes(mem.peak)} / ${formatBytes(mem.total)}`,
-    fractions,
-  };
+  let unit = 0;
+  while (unit < BYTE_UNITS.length - 1 && mem.total >= Math.pow(1024, unit + 1)) unit += 1;
+  const u = BYTE_UNITS[unit];
+  const x = (v) => formatBytesIn(v, unit);
+  const main = `${x(mem.allocated)} / ${x(mem.total)} ${u}`;
+  const detail = cpu ? `peak ${x(mem.peak)}` : `reserved ${x(mem.reserved)} · peak ${x(mem.peak)}`;
+  const label = cpu ? (dev === "mps" ? "Memory (mps)" : "RAM (process)") : `VRAM ${dev}`;
+  return { kind: cpu ? "cpu" : "gpu", label, main, detail, text: `${main} · ${detail}`, fractions };
 }
 
 // ------------------------------------------------------------------------------------------------- axes
@@ -420,7 +424,8 @@ export function mergeHistory(state, resp, beta = EMA_BETA) {
   const previews = [];
   for (const u of fromDisk.concat(state.previews)) if (!previews.includes(u)) previews.push(u);
   state.previews = previews.slice(-MAX_PREVIEWS);
-  if (state.step < lastHist && isNum(lastHist)) state.step = lastHist;
+  if (isNum(lastHist) && state.step < lastHist) state.step = lastHist;
+  if (isNum(lastHist) && state.total < state.step) state.total = 0; // unknown (no latest.json): "step N" only
   if (state.loss === null && loss.length) state.loss = loss[loss.length - 1];
   if (state.lossEma === null && ema.length) state.lossEma = ema[ema.length - 1];
   state.historyRun = run;

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random diffusers models and small real image datasets, built once per session."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folders of tiny SD1.5 (eps and v) and SDXL models, built on first use."""
+    from trainer.hosts.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    built = {}
+
+    def get(family: str = "sd15", prediction: str = "epsilon") -> Path:
+        key = (family, prediction)
+        if key not in built:
+            built[key] = build_tiny_pipeline(root / f"{family}_{prediction}", family, prediction)
+        return built[key]
+
+    return get
+
+
+def write_shape_dataset(folder: Path, count: int = 4, size=(64, 64), seed: int = 0, captions=None) -> Path:
+    """Real PNG files with caption sidecars: coloured shapes on dark backgrounds."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 40, 40), (40, 180, 60), (40, 80, 220), (230, 210, 40)]
+    for i in range(count):
+        w, h = size if isinstance(size, tuple) else size[i % len(size)]
+        image = Image.new("RGB", (w, h), (rng.randint(0, 50),) * 3)
+        draw = ImageDraw.Draw(image)
+        box = (w * 0.2, h * 0.2, w * 0.8, h * 0.8)
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=colours[i % len(colours)])
+        image.save(folder / f"img_{i:02d}.png")
+        caption = captions[i] if captions else f"shape {i}, {'circle' if i % 2 else 'square'}, colour {i % 4}"
+        (folder / f"img_{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def make_latents(tmp_path):
+    """Scan a dataset folder and cache its latents with a host's VAE: the real data path, made small."""
+    from trainer.cache import prepare_latents
+    from trainer.config import BucketConfig, DatasetConfig
+    from trainer.dataset import scan_dataset
+
+    def make(host, folder: Path, resolution: int = 64, flip: bool = False, **dataset_kwargs):
+        dataset_cfg = DatasetConfig(folder=str(folder), **dataset_kwargs)
+        buckets = BucketConfig(resolutions=[resolution], min_bucket=32, max_bucket=resolution * 2, step=32, flip=flip)
+        dataset = scan_dataset(dataset_cfg)
+        latents = prepare_latents(dataset, buckets, host.encode_images, host.image_encoder_id, tmp_path / "cache")
+        return latents, dataset_cfg
+
+    return make
