@@ -1,0 +1,119 @@
+"""Our full training step vs the bare floor, measured in the same run.
+
+Ours: `trainer.loop.train` — batch sampling, caption handling, text lookup, timestep/noise sampling, forward,
+loss, backward, gradient clipping, AdamW, LR schedule, RNG bookkeeping, run log and progress events.
+Floor: plain forward + backward + AdamW on the same model with the same adapters and the same batch shapes.
+Both run a few times, alternating, and the median seconds per step is compared.
+
+    python bench/step.py            # last line: step_over_floor: <ratio>   (goal <= 1.10 on the CPU)
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+STEPS, WARMUP, ROUNDS, BATCH, RESOLUTION = 14, 4, 3, 2, 256
+
+
+def build(tmp: Path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from conftest import write_shape_dataset
+    from trainer.cache import prepare_latents
+    from trainer.config import BucketConfig, DatasetConfig
+    from trainer.dataset import scan_dataset
+    from trainer.hosts.diffusers_host import DiffusersHost
+    from trainer.hosts.tiny import build_tiny_pipeline
+
+    host = DiffusersHost(build_tiny_pipeline(tmp / "model", "sd15"))
+    torch.manual_seed(0)
+    # A small but not toy UNet, so per-step bookkeeping is measured against real compute.
+    host.unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    ).requires_grad_(False)
+    folder = write_shape_dataset(tmp / "data", 8, size=(RESOLUTION, RESOLUTION))
+    dataset_cfg = DatasetConfig(folder=str(folder))
+    buckets = BucketConfig(resolutions=[RESOLUTION], min_bucket=128, max_bucket=512, step=64)
+    latents = prepare_latents(scan_dataset(dataset_cfg), buckets, host.encode_images, host.image_encoder_id,
+                              tmp / "cache")
+    return host, latents, dataset_cfg
+
+
+def config():
+    from trainer.config import TrainConfig
+
+    return TrainConfig.from_dict({"steps": STEPS, "batch_size": BATCH, "seed": 0, "save_every": 0,
+                                  "network": {"rank": 16, "alpha": 16, "preset": "transformer"},
+                                  "optimizer": {"learning_rate": 1e-4, "scheduler": "cosine", "warmup_steps": 2}})
+
+
+def time_ours(host, latents, dataset_cfg, tmp: Path, round_index: int) -> float:
+    from trainer.events import ProgressReporter
+    from trainer.loop import Hooks, train
+    from trainer.runlog import RunLog
+
+    stamps = []
+    run_dir = tmp / f"run{round_index}"
+    reporter = ProgressReporter(lambda payload: None, node="bench", run=run_dir.name, total=STEPS)
+    with RunLog(run_dir) as runlog:
+        train(host, latents, config(), run_dir, dataset_cfg=dataset_cfg, text_cache_dir=tmp / "text",
+              reporter=reporter, runlog=runlog, hooks=Hooks(on_step=lambda *_: stamps.append(time.perf_counter())))
+    return (stamps[-1] - stamps[WARMUP - 1]) / (len(stamps) - WARMUP)
+
+
+def time_floor(host, latents) -> float:
+    import torch
+
+    from trainer.network import LoRANetwork
+
+    cfg = config()
+    network = LoRANetwork(host.adapter_targets("transformer", False, False), cfg.network,
+                          generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, fused=True)
+    sample = latents.samples[0]
+    x = torch.randn(BATCH, *sample.latent.shape)
+    context = torch.randn(BATCH, 77, host.context_width)
+    t = torch.randint(0, 1000, (BATCH,))
+    target = torch.randn_like(x)
+    stamps = []
+    with network.attached(), torch.enable_grad():
+        for _ in range(STEPS):
+            out = host.unet(x, t, encoder_hidden_states=context).sample
+            torch.nn.functional.mse_loss(out, target).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[WARMUP - 1]) / (len(stamps) - WARMUP)
+
+
+def main() -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        host, latents, dataset_cfg = build(tmp)
+        params = sum(p.numel() for p in host.unet.parameters())
+        print(f"UNet {params / 1e6:.1f} M params, latents {tuple(latents.samples[0].latent.shape)}, batch {BATCH}, "
+              f"{torch.get_num_threads()} threads, {STEPS - WARMUP} timed steps x {ROUNDS} rounds")
+        ours, floor = [], []
+        for r in range(ROUNDS):
+            floor.append(time_floor(host, latents))
+            ours.append(time_ours(host, latents, dataset_cfg, tmp, r))
+            print(f"round {r + 1}: floor {floor[-1] * 1000:.1f} ms/step, ours {ours[-1] * 1000:.1f} ms/step")
+    ours_s, floor_s = statistics.median(ours), statistics.median(floor)
+    print(f"median: floor {floor_s * 1000:.1f} ms/step, ours {ours_s * 1000:.1f} ms/step")
+    print(f"step_over_floor: {ours_s / floor_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
