@@ -46,8 +46,8 @@ class NetworkConfig:
     alpha: float = 16.0  # scale = alpha / rank; alpha == rank -> scale 1
     dropout: float = 0.0
     preset: str = "transformer"  # "attention" | "transformer" | "full"
-    conv_rank: int = 0  # > 0 adds LoCon adapters on 3x3 convs (preset "full" only reaches them)
-    conv_alpha: float = 1.0
+    conv_rank: int = 0  # rank of the 3x3 conv (LoCon) adapters that preset "full" adds; 0 = same as rank
+    conv_alpha: float = 1.0  # used with conv_rank > 0
     train_text_encoder: bool = False
     init_from: str = ""  # an existing LoRA file to continue training
 

@@ -62,9 +62,16 @@ def resume_digest(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
-def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: Optional[DatasetConfig] = None,
-          text_cache_dir: Optional[str | Path] = None, resume: bool = False, reporter=None,
-          hooks: Optional[Hooks] = None, runlog=None) -> TrainResult:
+def train(host, latents, cfg: TrainConfig, run_dir: str | Path, **kwargs) -> TrainResult:
+    """Train adapters on `host` for `cfg.steps` optimizer steps; see `_train` for the keyword arguments."""
+    # ComfyUI runs nodes under inference_mode: adapters created there could never train, so leave it first.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(host, latents, cfg, run_dir, **kwargs)
+
+
+def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: Optional[DatasetConfig] = None,
+           text_cache_dir: Optional[str | Path] = None, resume: bool = False, reporter=None,
+           hooks: Optional[Hooks] = None, runlog=None) -> TrainResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset_cfg = dataset_cfg or DatasetConfig()
@@ -148,8 +155,6 @@ def train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg: 
     # --- the loop -------------------------------------------------------------------------------------------
     rng_at_step_start = RngState.capture(generator, caption_rng)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))  # ComfyUI runs nodes under inference_mode
-        stack.enter_context(torch.enable_grad())
         stack.enter_context(network.attached())
         stack.enter_context(host.gradient_checkpointing(cfg.gradient_checkpointing))
         network.train()
