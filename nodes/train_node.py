@@ -126,7 +126,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     import comfy.utils
 
     from ..trainer.atomic import write_text
-    from ..trainer.events import ProgressReporter
+    from ..trainer.events import ProgressReporter, fanout
     from ..trainer.host import TrainingInterrupted
     from ..trainer.lora_file import build_metadata, save_lora
     from ..trainer.loop import Hooks, train
@@ -144,7 +144,6 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
         latents.bucket_config), "dataset": dataclasses.asdict(latents.dataset_config)}, indent=1))
 
     bar = comfy.utils.ProgressBar(cfg.steps)
-    reporter = ProgressReporter(_send, node=str(node_id), run=run_dir.name, total=cfg.steps)
     prompts = parse_prompts(preview_prompts)
     hooks = Hooks(on_step=lambda step, loss, lr: bar.update_absolute(step, cfg.steps))
     if prompts and preview_every > 0:
@@ -164,6 +163,8 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
         mm.in_training = True
     try:
         with RunLog(run_dir) as runlog:
+            reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
+                                        total=cfg.steps)
             result = train(host, latents.latents, cfg, run_dir, dataset_cfg=latents.dataset_config,
                            text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,
                            hooks=hooks, runlog=runlog)

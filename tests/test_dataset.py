@@ -149,7 +149,7 @@ def test_fingerprint_changes_with_any_image_or_caption(tmp_path):
     assert fingerprint(tmp_path) == base
     assert scan_dataset(DatasetConfig(folder=str(tmp_path))).fingerprint == base
     (tmp_path / "notes.md").write_text("irrelevant")
-    assert fingerprint(tmp_path) == base
+    assert fingerprint(tmp_path) == base == scan_dataset(DatasetConfig(folder=str(tmp_path))).fingerprint
     seen = {base}
 
     def changed():

@@ -106,7 +106,8 @@ def test_runs_root_is_injectable(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- over HTTP
-aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (ComfyUI's web server) is not installed")
+needs_aiohttp = pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
+                                   reason="aiohttp (ComfyUI's web server) is not installed: pip install aiohttp")
 
 
 def _with_client(root, fn):
@@ -126,6 +127,7 @@ def _with_client(root, fn):
     return asyncio.run(main())
 
 
+@needs_aiohttp
 def test_http_history_and_preview(runs):
     async def go(client):
         r = await client.get("/loralab/runs/my_run-01/history")
@@ -145,6 +147,7 @@ def test_http_history_and_preview(runs):
     _with_client(runs, go)
 
 
+@needs_aiohttp
 def test_http_traversal_is_rejected(runs):
     async def go(client):
         statuses = {}
@@ -161,6 +164,7 @@ def test_http_traversal_is_rejected(runs):
     _with_client(runs, go)
 
 
+@needs_aiohttp
 def test_handlers_called_directly_reject_traversal(runs):
     """The handlers are plain async functions over a root: 400 for bad ids/names even if a proxy decoded them."""
 
@@ -180,6 +184,7 @@ def test_handlers_called_directly_reject_traversal(runs):
     assert body["history"]["steps"][-1] == 20
 
 
+@needs_aiohttp
 def test_register_routes_is_idempotent(runs):
     from aiohttp import web
 

@@ -238,7 +238,7 @@ def prepare_latents(
     decode are skipped and listed in ``report.stats.failed``; :class:`DatasetError` only when none is left.
     """
     started = time.perf_counter()
-    items = list(dataset.items if isinstance(dataset, Dataset) else dataset)
+    items = list(getattr(dataset, "items", dataset))  # a Dataset, or any list of ImageItem
     dtype_key, store, stats = dtype_name(dtype), EntryStore(cache_dir), CacheStats()
     torch_dtype = DTYPES[dtype_key]
     flips = (False, True) if bucket_cfg.flip else (False,)

@@ -174,7 +174,7 @@ def scan_dataset(cfg: DatasetConfig, min_size: Optional[int] = None, workers: Op
     _summarise(report, items, min_size)
     if not items:
         raise DatasetError(_nothing_usable(root, images, captions, report), report)
-    return Dataset(str(root), items, report, cfg, _fingerprint_of(root, files))
+    return Dataset(str(root), items, report, cfg, _fingerprint_of(root, images + captions))
 
 
 def caption_extension(ext: str) -> str:

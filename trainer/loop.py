@@ -126,6 +126,8 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
         if runlog is not None:
             runlog.truncate_after(step)
             runlog.mark(step, "resume")
+        if reporter is not None:
+            reporter.resume(step, losses)  # the live EMA continues the curve drawn from disk
 
     def snapshot_state(at_step: int, rng: RngState) -> Path:
         training = {
@@ -204,7 +206,7 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
                     snapshot_state(step, rng_at_step_start)
                 if hooks.preview and hooks.preview_every and step % hooks.preview_every == 0:
                     report("preview", loss=step_loss)
-                    _run_preview(hooks, step, network, runlog)
+                    _run_preview(hooks, step, network, runlog, reporter)
         except (TrainingInterrupted, KeyboardInterrupt):
             # Mid-step work is discarded: the adapters are still those of `step`, and so are the saved RNG states.
             snapshot_state(step, rng_at_step_start)
@@ -253,13 +255,17 @@ def compute_loss(host, x0: torch.Tensor, cond: Conditioning, cfg: TrainConfig, g
     return objectives.loss(prediction, target, weights, obj)
 
 
-def _run_preview(hooks: Hooks, step: int, network: LoRANetwork, runlog) -> None:
+def _run_preview(hooks: Hooks, step: int, network: LoRANetwork, runlog, reporter) -> None:
+    from .events import preview_url
+
     network.eval()
     try:
         with torch.no_grad():
             path = hooks.preview(step, network)
         if path and runlog is not None:
-            runlog.mark(step, "preview", path)
+            runlog.mark(step, "preview", Path(path).name)
+        if path and reporter is not None:
+            reporter.preview(step, preview_url(reporter.run, Path(path).name))
     finally:
         network.train()
 

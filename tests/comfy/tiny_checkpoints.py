@@ -288,18 +288,24 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="Build the tiny ComfyUI test checkpoints")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default $COMFYUI_PATH)")
-    ap.add_argument("--out", default=None, help="output folder (default: the test cache folder)")
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--cache-dir", default=None,
+                       help="build only what is missing under <cache-dir>/<cache_key()> (default: the test cache)")
+    group.add_argument("--out", default=None, help="always (re)build into this folder")
+    ap.add_argument("--kinds", nargs="+", default=None, choices=KINDS)
     args = ap.parse_args(argv)
     if not args.comfyui:
         ap.error("--comfyui or COMFYUI_PATH is required")
     sys.path.append(os.path.abspath(args.comfyui))
     _require_comfy()
-    folder = Path(args.out) if args.out else default_cache_dir() / cache_key()
-    for kind in args.kinds:
-        info = build_checkpoint(kind, folder / checkpoint_filename(kind))
-        print(json.dumps(info))
-    print(json.dumps(build_vae_file(folder / VAE_FILENAME)))
+    if args.out:
+        folder = Path(args.out)
+        for kind in args.kinds or KINDS:
+            print(json.dumps(build_checkpoint(kind, folder / checkpoint_filename(kind))), flush=True)
+        print(json.dumps(build_vae_file(folder / VAE_FILENAME)), flush=True)
+        return 0
+    paths = ensure_checkpoints(args.cache_dir, kinds=tuple(args.kinds or DEFAULT_KINDS))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
 
