@@ -84,13 +84,13 @@ class LoadDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_repeats, shuffle_captions, keep_tokens,
                 caption_separator, caption_dropout) -> io.NodeOutput:
-        from ..trainer.dataset import fingerprint, scan_dataset
+        from ..trainer.dataset import scan_dataset
 
         config = _dataset_config(folder, caption_extension, trigger_word, default_repeats, shuffle_captions,
                                  keep_tokens, caption_separator, caption_dropout)
         dataset = scan_dataset(config)
         report = dataset.report.to_text()
-        value = DatasetValue(dataset, config, fingerprint(config.folder, config.caption_extension))
+        value = DatasetValue(dataset, config, dataset.fingerprint)
         return io.NodeOutput(value, report, ui=ui.PreviewText(report))
 
 

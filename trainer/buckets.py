@@ -231,7 +231,8 @@ class BucketReport:
         }
 
     def to_text(self) -> str:
-        lines = [f"Buckets: {len(self.rows)}, mean |aspect error| {self.mean_ar_error:.3f} (max {self.max_ar_error:.3f})"]
+        error = f"mean |aspect error| {self.mean_ar_error:.3f} (max {self.max_ar_error:.3f})"
+        lines = [f"Buckets: {len(self.rows)}, {error}"]
         for res, (w, h), images, samples in self.rows:
             lines.append(f"  [{res}] {w:>4}x{h:<4} {images:>5} image(s), {samples:>6} sample(s)/epoch")
         return "\n".join(lines)

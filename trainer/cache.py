@@ -252,7 +252,8 @@ def prepare_latents(
             stats.failed.append((item.path, str(e)))
             continue
         for plan in plans:
-            planned.append((item, plan, tuple(latent_key(item.content_hash, plan, f, encoder_id, dtype_key) for f in flips)))
+            keys = tuple(latent_key(item.content_hash, plan, f, encoder_id, dtype_key) for f in flips)
+            planned.append((item, plan, keys))
 
     latents: dict[str, torch.Tensor] = {}
     jobs: dict[tuple[str, CropPlan], _Job] = {}
@@ -272,10 +273,11 @@ def prepare_latents(
 
     failed_paths = _encode_jobs(list(jobs.values()), encode_images, store, latents, stats, torch_dtype,
                                 batch_size, progress, check_interrupt)
-    samples = []
+    samples, kept_plans = [], []
     for item, plan, keys in planned:
         if item.path in failed_paths or any(k not in latents for k in keys):
             continue
+        kept_plans.append(plan)
         samples.append(LatentSample(
             latent=latents[keys[0]], latent_flipped=latents[keys[1]] if len(keys) > 1 else None,
             caption=item.caption, repeats=item.repeats, bucket=plan.bucket, resolution=plan.resolution,
@@ -284,8 +286,7 @@ def prepare_latents(
             image_path=item.path, content_hash=item.content_hash,
         ))
     stats.seconds = time.perf_counter() - started
-    kept = [(p, item.repeats) for item, p, keys in planned if item.path not in failed_paths and all(k in latents for k in keys)]
-    report = LatentReport(bucket_report([p for p, _ in kept], [r for _, r in kept]), stats)
+    report = LatentReport(bucket_report(kept_plans, [s.repeats for s in samples]), stats)
     if not samples:
         reasons = "; ".join(f"{Path(p).name}: {r}" for p, r in stats.failed[:5]) or "the dataset is empty"
         raise DatasetError(f"No image could be prepared for training ({reasons})")
@@ -367,7 +368,8 @@ def _flush(batch, bucket, encode_images, store, latents, stats, torch_dtype, fai
                 failed[item.path] = "the VAE produced NaN/Inf (an fp16 VAE overflowing? use an fp32/bf16 VAE)"
                 stats.failed.append((item.path, failed[item.path]))
             continue
-        store.write(key, {"latent": latent}, kind="latent", image=Path(item.path).name, bucket=f"{bucket[0]}x{bucket[1]}")
+        store.write(key, {"latent": latent}, kind="latent", image=Path(item.path).name,
+                    bucket=f"{bucket[0]}x{bucket[1]}")
         latents[key] = latent
         stats.encoded += 1
     return len(batch)

@@ -82,8 +82,7 @@ def test_separate_taesd_file_and_fast_loader(comfy_server, tiny_checkpoints):
 def test_errors_websocket_and_interrupt(comfy_server, comfy_ws):
     # Validation errors come back as PromptRejected with ComfyUI's node error text.
     with pytest.raises(harness.PromptRejected, match="ckpt_name"):
-        comfy_server.queue_prompt({"1": {"class_type": "CheckpointLoaderSimple",
-                                         "inputs": {"ckpt_name": "missing.safetensors"}}})
+        comfy_server.queue_prompt(harness.txt2img_prompt("missing.safetensors"))
     # Custom events reach the websocket client that queued the prompt.
     prompt = {"1": {"class_type": "LoraLabTest_SendEvent",
                     "inputs": {"event": "loralab_test.event", "payload": '{"step": 3}'}}}

@@ -256,6 +256,7 @@ def build_vae_file(path: os.PathLike, seed: int = 0) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(sd, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return {"kind": "vae", "path": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
 
