@@ -1,7 +1,8 @@
 """Fixtures for tests against a real ComfyUI (COMFYUI_PATH). Everything skips cleanly when it is not available.
 
 Session fixtures (see harness.py / tiny_checkpoints.py for details):
-  comfyui_path       Path of the ComfyUI checkout; skips with a clear reason when unset/unusable.
+  comfyui_path       Path of the ComfyUI checkout; skips with a clear reason when unset/unusable
+                     (fails instead when LORALAB_REQUIRE_COMFYUI=1, for CI).
   tiny_checkpoints   {"sd15": Path, "sdxl": Path, "vae": Path}: cached tiny checkpoints (+ separate TAESD VAE file).
   comfy_server       a started harness.ComfyServer (headless, --cpu, temp base dir, our pack + test nodes linked,
                      checkpoints in models/checkpoints under their file names, TAESD file in models/vae).
@@ -33,6 +34,8 @@ except ImportError:
 def comfyui_path() -> Path:
     path, reason = harness.comfyui_path_or_reason()
     if path is None:
+        if os.environ.get("LORALAB_REQUIRE_COMFYUI"):  # CI: a misconfigured ComfyUI must not pass as "skipped"
+            pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     return path
 
