@@ -26,7 +26,7 @@ def build(tmp: Path):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from conftest import write_shape_dataset
+    from shapes import write_shape_dataset
     from trainer.cache import prepare_latents
     from trainer.config import BucketConfig, DatasetConfig
     from trainer.dataset import scan_dataset

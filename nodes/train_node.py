@@ -145,7 +145,11 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
 
     bar = comfy.utils.ProgressBar(cfg.steps)
     prompts = parse_prompts(preview_prompts)
-    hooks = Hooks(on_step=lambda step, loss, lr: bar.update_absolute(step, cfg.steps))
+    def on_step(step, loss, lr):
+        host.check_interrupt()  # before the bar: its hook would raise ComfyUI's exception and skip our state save
+        bar.update_absolute(step, cfg.steps)
+
+    hooks = Hooks(on_step=on_step)
     if prompts and preview_every > 0:
         if host.vae is None:
             from ..trainer.host import TrainingError
@@ -169,8 +173,9 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
                            text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,
                            hooks=hooks, runlog=runlog)
     except TrainingInterrupted:
-        mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interruption, after the state was saved
-        raise
+        # The resumable state is saved; now report ComfyUI's own interruption (and clear its flag).
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
     finally:
         if was_training is not None:
             mm.in_training = was_training

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_shape_dataset
+from shapes import write_shape_dataset
 from trainer.config import TrainConfig
 from trainer.host import TrainingError, TrainingInterrupted
 from trainer.hosts.diffusers_host import DiffusersHost

@@ -137,7 +137,7 @@ class DiffusersHost:
             if self.family == "sd15":
                 state = out.hidden_states[-clip_skip]
                 if clip_skip > 1:
-                    state = encoder.text_model.final_layer_norm(state)
+                    state = getattr(encoder, "text_model", encoder).final_layer_norm(state)
                 hidden.append(state)
             else:
                 hidden.append(out.hidden_states[-(1 + clip_skip)])

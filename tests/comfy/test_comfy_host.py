@@ -1,0 +1,136 @@
+"""The ComfyUI host in-process, on ComfyUI's own model objects: the engine trains through it, the base MODEL stays
+bit-identical (after success, an error and Stop), names match ComfyUI's key map, each sample sees its own caption."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shapes import write_shape_dataset  # noqa: E402  (tests/shapes.py: real PNG files + captions)
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture
+def pack(loralab_pack):
+    return lambda name: importlib.import_module(f"loralab_pack.{name}")
+
+
+def snapshot(model):
+    unet = model.model.diffusion_model
+    return ({k: v.clone() for k, v in unet.state_dict().items()},
+            [(n, type(m).__name__) for n, m in unet.named_modules()])
+
+
+def assert_unchanged(model, before):
+    weights, tree = before
+    unet = model.model.diffusion_model
+    now = unet.state_dict()
+    assert [(n, type(m).__name__) for n, m in unet.named_modules()] == tree
+    assert all(torch.equal(weights[k], now[k]) and weights[k].dtype == now[k].dtype for k in weights)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+               for m in unet.modules())
+
+
+def latents_for(pack, host, folder, tmp_path, **dataset_kwargs):
+    config = pack("trainer.config")
+    dataset_cfg = config.DatasetConfig(folder=str(folder), **dataset_kwargs)
+    buckets = config.BucketConfig(resolutions=[64], min_bucket=32, max_bucket=128, step=32)
+    dataset = pack("trainer.dataset").scan_dataset(dataset_cfg)
+    latents = pack("trainer.cache").prepare_latents(dataset, buckets, host.encode_images, host.image_encoder_id,
+                                                     tmp_path / "cache")
+    return latents, dataset_cfg
+
+
+def small_config(pack, **changes):
+    data = {"steps": 3, "batch_size": 2, "seed": 0, "network": {"rank": 4, "alpha": 4},
+            "optimizer": {"learning_rate": 1e-3}}
+    data.update(changes)
+    return pack("trainer.config").TrainConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_training_through_comfy_host_leaves_the_model_untouched(pack, tiny_models, tmp_path, kind):
+    model, clip, vae = tiny_models(kind)
+    before = snapshot(model)
+    host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    assert host.family == kind and host.schedule.prediction == "eps"
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    result = pack("trainer.loop").train(host, latents, small_config(pack, gradient_checkpointing=True),
+                                        tmp_path / "run", dataset_cfg=dataset_cfg, text_cache_dir=tmp_path / "text")
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert_unchanged(model, before)
+
+
+def test_names_are_all_in_comfyuis_key_map(pack, tiny_models, comfy):
+    for kind in ("sd15", "sdxl"):
+        model, clip, vae = tiny_models(kind)
+        host = pack("nodes.comfy_host").ComfyHost(model, clip, vae)
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model,
+                                                  comfy.lora.model_lora_keys_unet(model.model, {}))
+        names = [t.name for t in host.adapter_targets("full", True, True)]
+        assert names and all(name in key_map for name in names), [n for n in names if n not in key_map][:5]
+
+
+class Boom(Exception):
+    pass
+
+
+def test_model_untouched_after_an_error_and_after_stop(pack, tiny_models, tmp_path):
+    model, clip, vae = tiny_models("sd15")
+    before = snapshot(model)
+    comfy_host = pack("nodes.comfy_host")
+    loop = pack("trainer.loop")
+    host_error = pack("trainer.host")
+
+    class FailingHost(comfy_host.ComfyHost):
+        calls = 0
+
+        def predict(self, *args, **kwargs):
+            FailingHost.calls += 1
+            if FailingHost.calls == 2:
+                raise Boom("inside training")
+            return super().predict(*args, **kwargs)
+
+    host = FailingHost(model.clone(), clip, vae)
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    with pytest.raises(Boom):
+        loop.train(host, latents, small_config(pack, gradient_checkpointing=True), tmp_path / "err",
+                   dataset_cfg=dataset_cfg)
+    assert_unchanged(model, before)
+
+    stop = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    stop.check_interrupt = lambda: (_ for _ in ()).throw(host_error.TrainingInterrupted())
+    with pytest.raises(host_error.TrainingInterrupted):
+        loop.train(stop, latents, small_config(pack), tmp_path / "stop", dataset_cfg=dataset_cfg)
+    assert (tmp_path / "stop" / "state" / "step_000000" / "meta.json").is_file()
+    assert_unchanged(model, before)
+
+
+def test_batch_of_two_conditions_each_image_on_its_own_caption(pack, tiny_models, tmp_path):
+    model, clip, vae = tiny_models("sdxl")
+    captions = ["a red square", "a blue circle on grass"]
+    comfy_host = pack("nodes.comfy_host")
+    seen = []
+
+    class Spy(comfy_host.ComfyHost):
+        def predict(self, noisy, timesteps, cond):
+            seen.append((noisy.shape[0], cond, self._adm(cond, noisy)))
+            return super().predict(noisy, timesteps, cond)
+
+    host = Spy(model.clone(), clip, vae)
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2, captions=captions),
+                                       tmp_path)
+    pack("trainer.loop").train(host, latents, small_config(pack, steps=1), tmp_path / "run", dataset_cfg=dataset_cfg)
+    batch, cond, adm = seen[0]
+    assert batch == 2 and cond.context.shape[0] == 2 and adm.shape == (2, 2816)  # B rows, not B x B
+    expected = {c: host.encode_text([c])[0] for c in captions}
+    for row in range(2):
+        matches = [c for c, e in expected.items() if torch.allclose(cond.context[row].cpu(), e["context"], atol=1e-5)]
+        assert len(matches) == 1  # each row is exactly one caption's own encoding, not an average
+        assert torch.allclose(cond.pooled[row].cpu(), expected[matches[0]]["pooled"], atol=1e-5)
+    assert {c for c in captions} == {c for c in expected}
