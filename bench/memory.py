@@ -86,9 +86,13 @@ def child(spec: dict) -> dict:
                             original_size=(res, res), crop_top_left=(0, 0), crop_top_left_flipped=None,
                             image_path=f"s{i}.png") for i in range(max(4, batch * STEPS))]
     latents = LatentSet(samples=samples, report=None)
+    before = _rss()
     t0 = time.perf_counter()
     est = estimate_training_memory(host, cfg, [(res, res)], batch, resident_encoders=True)
     est_seconds = time.perf_counter() - t0
+    estimator_overhead = max(0, _peak_rss() - before)
+    # The training peak is what the estimate predicts: forget the estimator's own (smaller) high-water mark.
+    peak_reset = _reset_peak_rss()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -100,14 +104,48 @@ def child(spec: dict) -> dict:
         measured = int(torch.cuda.max_memory_allocated())
         estimated = est.tensor_total
     else:
-        measured = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+        measured = _peak_rss()
         estimated = est.total
     acts = sum(v for k, v in est.breakdown.items() if k.startswith("activations"))
     slack = sum(v for k, v in est.breakdown.items() if k.startswith("allocator slack"))
     return {"estimated": int(estimated), "measured": measured, "activations": int(acts), "slack": int(slack),
             "est_seconds": est_seconds, "train_seconds": train_seconds, "verdict": est.verdict,
+            "estimator_overhead": int(estimator_overhead), "peak_reset": peak_reset,
             "breakdown": {k: int(v) for k, v in est.breakdown.items()},
             "params": sum(p.numel() for p in host.unet.parameters())}
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    try:
+        return _status_kib("VmRSS:")
+    except OSError:
+        return 0
+
+
+def _peak_rss() -> int:
+    """Peak RSS since the last reset (Linux VmHWM), else since the process started (ru_maxrss)."""
+    try:
+        return _status_kib("VmHWM:")
+    except OSError:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_config(row, device: str, model: Path, threads: int) -> dict:
@@ -130,7 +168,7 @@ def table(rows, device: str, calibrate: bool) -> float:
     counter = "peak RSS" if device == "cpu" else "max_memory_allocated"
     print(f"\n### {device.upper()}: estimate vs measured {counter} (UNet {rows[0][1]['params'] / 1e6:.0f} M params, "
           f"{STEPS} steps of trainer.loop.train)\n")
-    head = "| config | estimated | measured | error % | activations | estimate s | train s |"
+    head = "| config | estimated | measured | error % | activations | estimator's own peak | estimate s | train s |"
     if calibrate:
         head += " implied heap slack |"
     print(head)
@@ -140,7 +178,7 @@ def table(rows, device: str, calibrate: bool) -> float:
         err = 100.0 * (r["estimated"] - r["measured"]) / r["measured"]
         worst = max(worst, abs(err))
         line = (f"| {name} | {gib(r['estimated'])} | {gib(r['measured'])} | {err:+.1f} | {gib(r['activations'])} | "
-                f"{r['est_seconds']:.1f} | {r['train_seconds']:.0f} |")
+                f"+{r['estimator_overhead'] / 2 ** 20:.0f} MiB | {r['est_seconds']:.1f} | {r['train_seconds']:.0f} |")
         if calibrate and r["activations"]:
             base = r["estimated"] - r["slack"]
             line += f" {(r['measured'] - base) / r['activations']:.2f} |"

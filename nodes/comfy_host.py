@@ -103,17 +103,37 @@ class ComfyHost:
             for block in patched:
                 del block.forward
 
-    def prepare(self, keep_text_encoder: bool = False) -> None:
-        """Load the model for training, evicting every other model first. The text encoder stays loaded only when
-        captions will be encoded during training (shuffled captions, text-encoder training)."""
+    @contextlib.contextmanager
+    def training_session(self, keep_text_encoder: bool = False, train_text_encoder: bool = False):
+        """Load the model for training, evicting every other model first; undo everything on exit.
+
+        The text encoder stays loaded only when captions are encoded during training. Weights ComfyUI created under
+        inference mode (a checkpoint loaded on the CPU) cannot take part in autograd, so for the run they are
+        swapped for ordinary copies; the original tensors are put back afterwards, untouched.
+        """
         self._keep_text_encoder = keep_text_encoder and self.clip is not None
         self.mm.unload_all_models()
         self.reload()
+        modules = [self.unet] + (list(self.text_encoders().values()) if train_text_encoder else [])
+        swapped = []
+        try:
+            with torch.inference_mode(False):
+                for root in modules:
+                    for module in root.modules():
+                        for name, param in list(module._parameters.items()):
+                            if param is not None and param.is_inference():
+                                module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                                swapped.append((module, name, param))
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
 
     def reload(self) -> None:
         """(Re)load the model fully on the device, e.g. after a preview loaded the VAE next to it."""
         models = [self.patcher] + ([self.clip.patcher] if getattr(self, "_keep_text_encoder", False) else [])
-        self.mm.load_models_gpu(models, force_full_load=True)
+        with torch.inference_mode(False):  # weights moved to the device here are ordinary tensors
+            self.mm.load_models_gpu(models, force_full_load=True)
 
     # --- the denoiser ----------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

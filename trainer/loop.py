@@ -151,12 +151,13 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
     # --- text conditioning is encoded once, up front (cached on disk by caption text) ----------------------
     report("encoding", message="encoding captions")
     text.prefetch([s.caption for s in latents.samples] + ([""] if dataset_cfg.caption_dropout > 0 else []))
-    if hasattr(host, "prepare"):  # e.g. ComfyUI: evict other models, load this one fully
-        host.prepare(keep_text_encoder=net_cfg.train_text_encoder or dataset_cfg.shuffle_captions)
 
     # --- the loop -------------------------------------------------------------------------------------------
     rng_at_step_start = RngState.capture(generator, caption_rng)
     with contextlib.ExitStack() as stack:
+        if hasattr(host, "training_session"):  # e.g. ComfyUI: evict other models, load this one fully
+            keep_te = net_cfg.train_text_encoder or dataset_cfg.shuffle_captions or dataset_cfg.caption_dropout > 0
+            stack.enter_context(host.training_session(keep_te, net_cfg.train_text_encoder))
         stack.enter_context(network.attached())
         stack.enter_context(host.gradient_checkpointing(cfg.gradient_checkpointing))
         network.train()

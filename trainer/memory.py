@@ -615,6 +615,8 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
     ckpt_error = ""
     import torch
 
+    host_is_cpu = torch.device(host.device).type == "cpu"
+
     with _grad_mode(), _Adapters(targets, ranks, dropout) as adapters, _attention_context(attention):
         exclude = _exclude_ptrs(denoiser) | {p.untyped_storage().data_ptr() for p in adapters.params}
         rng_state = torch.get_rng_state()
@@ -626,6 +628,8 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
                         return host.predict(noisy, t, cond)
 
                 samples_plain.append(_trace_once(run, denoiser, exclude, adapters, want_regions=False))
+                if host_is_cpu:
+                    _release_heap()
             switch = getattr(host, "gradient_checkpointing", None)
             if checkpointing and switch is not None:
                 try:
@@ -637,6 +641,8 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
                                     return host.predict(noisy, t, cond)
 
                             samples_ckpt.append(_trace_once(run, denoiser, exclude, adapters, want_regions=True))
+                            if host_is_cpu:
+                                _release_heap()
                 except Exception as e:  # noqa: BLE001 - fall back to the ratio, with a note
                     ckpt_error = f"{type(e).__name__}: {e}"
                     samples_ckpt = []
