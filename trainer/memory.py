@@ -847,9 +847,17 @@ class _Context:
             self.te_bytes += b
             self.te_here += h
         self.vae_bytes, self.vae_here = module_bytes(_vae_module(host), self.device)
-        self.rss = _process_rss() if self.is_cpu else 0
+        self._rss: Optional[int] = None
         self._fits: dict[tuple, Any] = {}
         self._te_fit: dict[tuple, Any] = {}
+
+    def rss(self) -> int:
+        """The process's resident memory, read once after the first trace: what the trace leaves behind (kernels
+        compiled for new shapes, heap the allocator keeps) is then part of the baseline, as it is for training."""
+        if self._rss is None:
+            _release_heap()
+            self._rss = _process_rss()
+        return self._rss
 
     # -- adapters -----------------------------------------------------------------------------------------------
     def ranks(self, targets, scale: float) -> list[int]:
@@ -978,12 +986,12 @@ class _Context:
         elif self.is_cpu:
             counted_here = self.denoiser_here + (self.te_here if te_needed else 0) \
                 + (self.vae_here if plan.resident_encoders else 0)
-            baseline = max(0, self.rss - counted_here)
+            baseline = max(0, self.rss() - counted_here)
             slack = int(CPU_HEAP_SLACK * (acts + te_acts))
             framework = baseline + slack
             breakdown["process baseline (Python, torch, other data)"] = baseline
             breakdown["allocator slack (CPU heap)"] = slack
-            resident = self.rss  # everything the process holds now is inside the estimate
+            resident = self.rss()  # everything the process holds now is inside the estimate
         total = tensors + framework
         free = int(self.mem.free)
         if self.is_cpu:

@@ -53,7 +53,9 @@ def dataset(comfy_server):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_example_workflow_trains_then_generates(comfy_server, comfy_ws, tiny_checkpoints, dataset, family):
-    prompt = shrink(example(family), tiny_checkpoints[family].name, dataset, f"example_{family}")
+    # Previews are exercised on SD1.5 only: sampling the tiny SDXL on a CPU costs minutes for nothing new.
+    prompt = shrink(example(family), tiny_checkpoints[family].name, dataset, f"example_{family}",
+                    previews=family == "sd15")
     entry = comfy_server.run_prompt(prompt, client_id=comfy_ws.client_id, timeout=900)
     images = comfy_server.output_files(entry)
     assert any(p.name.startswith(f"loralab_{family}") and p.is_file() for p in images)
@@ -61,7 +63,8 @@ def test_example_workflow_trains_then_generates(comfy_server, comfy_ws, tiny_che
     assert saved.is_file()
     run = run_dirs(comfy_server, f"example_{family}")[-1]
     assert (run / "final.safetensors").is_file() and (run / "history.jsonl").is_file()
-    assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    if family == "sd15":
+        assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     events = [m["data"] for m in comfy_ws.of_type("loralab.progress")]
     assert events and {e["node"] for e in events} == {"5"} and events[-1]["phase"] == "done"
     assert any(e["phase"] == "training" and e["loss"] is not None for e in events)
