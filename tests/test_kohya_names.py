@@ -54,15 +54,6 @@ REAL_SD15 = dict(
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (each forward ~50x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_unet(config, device="cpu"):
     from diffusers import UNet2DConditionModel
 

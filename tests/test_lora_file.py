@@ -11,15 +11,6 @@ from trainer.lora_file import LoRAFileError, build_metadata, load_lora, save_lor
 from trainer.network import LoRANetwork
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (each forward ~50x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_pipeline(folder, family):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers import UNet2DConditionModel

@@ -9,15 +9,6 @@ from trainer.host import AdapterTarget, TrainingError
 from trainer.network import LoRANetwork
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (each forward ~50x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_unet():
     from diffusers import UNet2DConditionModel
