@@ -1,33 +1,38 @@
 """Seconds per optimizer step inside ComfyUI: our engine vs ComfyUI's built-in Train LoRA vs the bare floor.
 
-All three train rank-8 LoRAs on the same tiny SD1.5 checkpoint (ComfyUI's own loader, CPU, fp32), the same cached
-latents of 8 real PNG images (one bucket), batch 1, AdamW, lr 5e-4:
+All sides train rank-8 LoRAs on the same tiny SD1.5 checkpoint (ComfyUI's own loader, CPU, fp32), the same cached
+latents of 8 real 128 px PNG images (one bucket, latents 4x16x16), batch 1, AdamW, lr 5e-4:
 
 * ours      `trainer.loop.train` through `ComfyHost`, wired as the Train LoRA node wires it (RunLog, progress
-            reporter, interrupt check + ComfyUI ProgressBar in on_step), gradient checkpointing on. Preset "full"
-            (every Linear/1x1/3x3 conv of the attention, resnet and up/down blocks) is the fair side: the built-in
-            adapts every layer with a weight. Preset "transformer" (kohya's default) is an extra line.
-            Timed from `Hooks(on_step)` timestamps after the warm-up steps.
-* builtin   `comfy_extras.nodes_train.TrainLoraNode().train(...)` called in-process under `torch.inference_mode()`
-            as ComfyUI's executor calls it: algorithm LoRA, training_dtype fp32, lora_dtype fp32 (the closest
-            to ours; this version offers bf16|fp32 only), gradient_checkpointing on, loss MSE, AdamW. Timed per step
-            by a global optimizer step-post hook (torch.optim.optimizer.register_optimizer_step_post_hook): one
-            timestamp per `optimizer.step()`; with grad_accumulation 1 that is one per training step, so its set-up
-            (adapter creation, model load, guider preparation) is excluded, like our warm-up. As a cross-check, the
-            first round also runs it at two step counts and divides the wall-time difference by the step difference.
+            reporter, interrupt check + ComfyUI ProgressBar in on_step), gradient_checkpointing=True, under
+            `torch.inference_mode()` like every ComfyUI node. Preset "full" (Linear, 1x1 and 3x3 convs of the
+            attention, resnet and up/down blocks) is the fair side: the built-in adapts every layer with a weight.
+            Preset "transformer" (kohya's default) is an extra line. Timed from `Hooks(on_step)` timestamps.
+* builtin   `comfy_extras.nodes_train.TrainLoraNode().train(...)` called in-process under `torch.inference_mode()`,
+            as ComfyUI's executor calls it: algorithm LoRA, training_dtype fp32, lora_dtype fp32 (this version offers
+            bf16|fp32; fp32 is ours), gradient_checkpointing on, loss MSE, AdamW, the same LATENT (unscaled latents)
+            and one CLIPTextEncode-equivalent conditioning per caption. Timed per step by a global optimizer
+            step-post hook (`torch.optim.optimizer.register_optimizer_step_post_hook`): one timestamp per
+            `optimizer.step()`, i.e. per training step with grad accumulation 1, so its set-up (adapters, model load,
+            guider) is excluded like our warm-up. Cross-check: (wall of a 16-step call - wall of a 6-step call) / 10.
 * floor     forward + backward + fused AdamW of `model.model.diffusion_model`, called directly as
-            `ComfyHost.predict` does, with our "full" adapters attached (`LoRANetwork` forward hooks), no
-            checkpointing, same latent size, batch 1; nothing else.
+            `ComfyHost.predict` does, with our "full" adapters attached (`LoRANetwork` hooks), no checkpointing,
+            batch 1; nothing else. "floor + checkpointing" is the same inside `ComfyHost.gradient_checkpointing(True)`:
+            the cost of recomputation alone, so ours / that line is our engine's own overhead.
 
-The built-in leaves its weight wrappers in the UNet modules' `weight_function` lists after it returns (ComfyUI only
-clears them at the next load of that model), so it trains on its own load of the checkpoint; ours and the floor
-share another one, which is checked to be untouched before every timed run.
+Every run does WARMUP untimed steps, then TIMED timed ones; rounds rotate the order of the sides and the median
+over rounds is reported (wall seconds; process CPU seconds alongside, which other processes' load does not inflate).
+One torch thread by default: on a shared 2-core box two threads get stalled by any other job (a 5x spread was seen).
 
-Rounds alternate the order of the sides; the median over rounds is reported.
+Side effects: the built-in leaves its weight wrappers in the UNet modules' `weight_function` lists and instance
+`forward` attributes after it returns (ComfyUI clears the wrappers only at that MODEL's next load), so it gets its own
+load of the checkpoint; ours and the floor share another, checked to be untouched before and after every run.
+A probe counts ResBlock forwards per step to show whether each side's gradient checkpointing really recomputes.
 
     COMFYUI_PATH=/work/ComfyUI /work/comfyvenv/bin/python bench/comfy_step.py
-    # last line: ours_over_builtin: <ratio>   (goal <= 0.6 on the CPU)
-Environment: BENCH_THREADS (torch threads, default 2), BENCH_ROUNDS (default 3), LORALAB_TINY_CKPT_DIR.
+    # last line: ours_over_builtin: <ratio>   (ours "full" / built-in; goal <= 0.6 on the CPU)
+Environment: BENCH_THREADS (torch threads, default 1), BENCH_ROUNDS (default 5), LORALAB_TINY_CKPT_DIR (where the
+tiny checkpoints are cached; default .pytest_cache/d/loralab-tiny-checkpoints, shared with the test suite).
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES, RESOLUTION, RANK, LR = 8, 128, 8, 5e-4
 WARMUP, TIMED = 3, 10  # steps per run: WARMUP untimed, then TIMED timed
 CHECK_STEPS = (6, 16)  # built-in cross-check: (T16 - T6) / 10
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def setup_paths() -> Path:
@@ -64,6 +69,17 @@ def setup_paths() -> Path:
     return path
 
 
+def now() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): the second is not inflated by other processes' load."""
+    return time.perf_counter(), time.process_time()
+
+
+def per_step(stamps) -> tuple[float, float]:
+    """(wall, cpu) seconds per step over the steps after the warm-up."""
+    n = len(stamps) - WARMUP
+    return ((stamps[-1][0] - stamps[WARMUP - 1][0]) / n, (stamps[-1][1] - stamps[WARMUP - 1][1]) / n)
+
+
 def pack(name: str):
     import importlib
 
@@ -78,7 +94,8 @@ class Bench:
 
         import harness
 
-        cache = Path(os.environ.get("LORALAB_TINY_CKPT_DIR") or ROOT / ".pytest_cache" / "d" / "loralab-tiny-checkpoints")
+        cache = Path(os.environ.get("LORALAB_TINY_CKPT_DIR")
+                     or ROOT / ".pytest_cache" / "d" / "loralab-tiny-checkpoints")  # shared with the test suite
         self.ckpt = harness.build_checkpoints_subprocess(cache, comfyui, kinds=["sd15"])["sd15"]
         harness.import_comfy(comfyui)
         harness.import_pack("loralab_pack")
@@ -92,6 +109,7 @@ class Bench:
             self.builtin_model = harness.load_tiny(self.ckpt, te_layers=3)[0]  # the built-in's own copy
         self.host = pack("nodes.comfy_host").ComfyHost(self.model.clone(), self.clip, self.vae)
         self.before = self.snapshot()
+        self.builtin_before = {k: v.clone() for k, v in self.builtin_model.model.state_dict().items()}
 
         from shapes import write_shape_dataset
 
@@ -145,7 +163,7 @@ class Bench:
             "network": {"rank": RANK, "alpha": RANK, "preset": preset},
             "optimizer": {"name": "adamw", "learning_rate": LR, "scheduler": "constant"}})
 
-    def ours(self, preset: str, steps: int = WARMUP + TIMED) -> float:
+    def ours(self, preset: str, steps: int = WARMUP + TIMED):
         import torch
 
         import comfy.utils
@@ -162,7 +180,7 @@ class Bench:
         def on_step(step, loss, lr):  # what the node's on_step does, plus the timestamp
             host.check_interrupt()
             bar.update_absolute(step, steps)
-            stamps.append(time.perf_counter())
+            stamps.append(now())
 
         with torch.inference_mode():  # ComfyUI's executor runs every node under inference_mode
             with runlog_mod.RunLog(run_dir) as runlog:
@@ -172,7 +190,7 @@ class Bench:
                            text_cache_dir=self.tmp / "text", reporter=reporter, runlog=runlog,
                            hooks=loop.Hooks(on_step=on_step))
         self.check_untouched(f"after ours/{preset}")
-        return (stamps[-1] - stamps[WARMUP - 1]) / (len(stamps) - WARMUP)
+        return per_step(stamps) if len(stamps) > WARMUP else None
 
     # -- ComfyUI's built-in Train LoRA
     def builtin(self, steps: int = WARMUP + TIMED) -> tuple[float, float]:
@@ -184,7 +202,7 @@ class Bench:
 
         stamps = []
         handle = register_optimizer_step_post_hook(
-            lambda *_: stamps.append(time.perf_counter()))
+            lambda *_: stamps.append(now()))
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -197,10 +215,10 @@ class Bench:
             wall = time.perf_counter() - start
             handle.remove()
         assert len(stamps) == steps, (len(stamps), steps)
-        return (stamps[-1] - stamps[WARMUP - 1]) / (len(stamps) - WARMUP), wall
+        return (per_step(stamps) if steps > WARMUP else None), wall
 
     # -- the floor
-    def floor(self, steps: int = WARMUP + TIMED) -> float:
+    def floor(self, steps: int = WARMUP + TIMED, checkpointing: bool = False):
         import torch
 
         network_mod = pack("trainer.network")
@@ -216,16 +234,52 @@ class Bench:
             x = torch.randn(1, *self.latent_shape, generator=gen)
             context = torch.randn(1, 77, host.context_width, generator=gen)
             target = torch.randn(x.shape, generator=gen)
-            with network.attached():
+            with network.attached(), host.gradient_checkpointing(checkpointing):
                 for _ in range(steps):
                     t = torch.randint(0, 1000, (1,), generator=gen).float()
                     out = host.unet(x, t, context=context, y=None, control=None, transformer_options={})
                     torch.nn.functional.mse_loss(out, target).backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    stamps.append(time.perf_counter())
+                    stamps.append(now())
         self.check_untouched("after floor")
-        return (stamps[-1] - stamps[WARMUP - 1]) / (len(stamps) - WARMUP)
+        return per_step(stamps)
+
+    # -- does gradient checkpointing recompute anything?
+    def recompute_factor(self, run, steps: int = 2) -> float:
+        """ResBlock forward calls per step / ResBlocks in the UNet, during `run(steps)`: 1.0 = nothing is recomputed
+        (checkpointing has no effect), 2.0 = every ResBlock runs again in backward. Counted at class level, so it
+        sees ResBlocks however a side wraps them."""
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        blocks = sum(isinstance(m, ResBlock) for m in self.model.model.diffusion_model.modules())
+        calls = [0]
+        original = ResBlock.forward
+
+        def counting(module, *args, **kwargs):
+            calls[0] += 1
+            return original(module, *args, **kwargs)
+
+        ResBlock.forward = counting
+        try:
+            run(steps)
+        finally:
+            ResBlock.forward = original
+            for m in self.builtin_model.model.modules():  # the built-in leaves `m.forward = m.org_forward` behind
+                if getattr(m.__dict__.get("forward"), "__func__", None) is counting:
+                    del m.forward
+        return calls[0] / (blocks * steps)
+
+    def builtin_leftovers(self) -> str:
+        """What the built-in left on its (own) MODEL's modules after returning, and whether base weights changed."""
+        unet = self.builtin_model.model
+        now = unet.state_dict()
+        changed = sum(not now[k].equal(v) for k, v in self.builtin_before.items())
+        wrapped = sum(bool(getattr(m, "weight_function", None) or getattr(m, "bias_function", None))
+                      for m in unet.modules())
+        forwards = sum("forward" in m.__dict__ for m in unet.modules())
+        return (f"built-in after returning: {changed} base tensors changed, {wrapped} modules still carry its weight "
+                f"wrappers (cleared only at that MODEL's next load), {forwards} modules keep an instance `forward`")
 
 
 def count_adapters(bench: Bench) -> str:
@@ -241,45 +295,63 @@ def count_adapters(bench: Bench) -> str:
 
 def main() -> None:
     comfyui = setup_paths()
+    import warnings
+
     import torch
 
     torch.set_num_threads(THREADS)
+    # The built-in asks for fp32 autocast, which CPU autocast does not support: torch warns and runs plain fp32.
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="loralab-comfy-step-") as tmp_name:
         bench = Bench(comfyui, Path(tmp_name))
         print(f"tiny SD1.5 ({sum(p.numel() for p in bench.model.model.diffusion_model.parameters()) / 1e6:.1f} M UNet "
               f"params), {IMAGES} images {RESOLUTION}px -> latents {bench.latent_shape}, batch 1, rank {RANK}, "
-              f"AdamW lr {LR}, fp32, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"AdamW lr {LR}, fp32, CPU, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); "
               f"{WARMUP} warm-up + {TIMED} timed steps per run, {ROUNDS} rounds (order rotates)")
         print(count_adapters(bench))
+        ours_rf = bench.recompute_factor(lambda n: bench.ours("full", n))
+        builtin_rf = bench.recompute_factor(lambda n: bench.builtin(n))
+        print(f"gradient checkpointing, ResBlock forwards per step per ResBlock (1 = nothing recomputed, 2 = all): "
+              f"ours {ours_rf:.1f}, built-in {builtin_rf:.1f}")
+        if ours_rf < 1.5:
+            print("WARNING: ours has gradient_checkpointing=True but recomputes nothing: ComfyHost."
+                  "gradient_checkpointing has no effect on this UNet, so ours is timed WITHOUT checkpointing (and "
+                  "without its memory saving)")
+        walls = [bench.builtin(n)[1] for n in CHECK_STEPS]  # the built-in's set-up-free cross-check
+        check = (walls[1] - walls[0]) / (CHECK_STEPS[1] - CHECK_STEPS[0])
+        print(bench.builtin_leftovers())
         sides = {
             "floor": bench.floor,
             "ours_full": lambda: bench.ours("full"),
             "builtin": lambda: bench.builtin()[0],
+            "floor_ckpt": lambda: bench.floor(checkpointing=True),
             "ours_transformer": lambda: bench.ours("transformer"),
         }
         results = {name: [] for name in sides}
         order = list(sides)
-        check = None
         for r in range(ROUNDS):
-            if r == 0:  # the built-in's set-up-free cross-check: wall(16 steps) - wall(6 steps)
-                walls = [bench.builtin(n)[1] for n in CHECK_STEPS]
-                check = (walls[1] - walls[0]) / (CHECK_STEPS[1] - CHECK_STEPS[0])
-            rotated = order[r % len(order):] + order[:r % len(order)]
-            for name in rotated:
+            for name in order[r % len(order):] + order[:r % len(order)]:
                 results[name].append(sides[name]())
-            print(f"round {r + 1}: " + ", ".join(f"{n} {results[n][-1] * 1000:.0f} ms" for n in order), flush=True)
-        med = {name: statistics.median(v) for name, v in results.items()}
-    floor = med["floor"]
+            print(f"round {r + 1} (wall ms/step): " + ", ".join(f"{n} {results[n][-1][0] * 1000:.0f}" for n in order),
+                  flush=True)
+        wall = {name: statistics.median(v[0] for v in runs) for name, runs in results.items()}
+        cpu = {name: statistics.median(v[1] for v in runs) for name, runs in results.items()}
+    floor = wall["floor"]
     print()
-    print(f"{'side':<34}{'s/step':>10}{'x floor':>10}")
-    labels = {"floor": "floor (fwd+bwd+AdamW, full)", "ours_full": "ours, preset full",
-              "ours_transformer": "ours, preset transformer", "builtin": "built-in TrainLoraNode"}
-    for name in ("floor", "ours_full", "ours_transformer", "builtin"):
-        print(f"{labels[name]:<34}{med[name]:>10.4f}{med[name] / floor:>10.2f}")
-    print(f"{'built-in, wall-difference check':<34}{check:>10.4f}{check / floor:>10.2f}")
-    print(f"(total bench time {time.perf_counter() - t0:.0f} s)")
-    print(f"ours_over_builtin: {med['ours_full'] / med['builtin']:.3f}")
+    print(f"{'side (median over rounds)':<44}{'s/step':>9}{'x floor':>9}{'cpu s/step':>12}")
+    labels = {"floor": "floor: fwd+bwd+AdamW, full adapters",
+              "floor_ckpt": "floor + ComfyHost.gradient_checkpointing",
+              "ours_full": "ours, preset full (fair side)",
+              "ours_transformer": "ours, preset transformer",
+              "builtin": "built-in TrainLoraNode"}
+    for name in ("floor", "floor_ckpt", "ours_full", "ours_transformer", "builtin"):
+        print(f"{labels[name]:<44}{wall[name]:>9.4f}{wall[name] / floor:>9.2f}{cpu[name]:>12.4f}")
+    print(f"{'built-in, (wall 16 steps - wall 6 steps) / 10':<44}{check:>9.4f}{check / floor:>9.2f}")
+    print(f"ours transformer / built-in: {wall['ours_transformer'] / wall['builtin']:.3f}; "
+          f"ours full / floor+checkpointing: {wall['ours_full'] / wall['floor_ckpt']:.3f}; "
+          f"total bench time {time.perf_counter() - t0:.0f} s")
+    print(f"ours_over_builtin: {wall['ours_full'] / wall['builtin']:.3f}")
 
 
 if __name__ == "__main__":

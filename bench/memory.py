@@ -35,20 +35,21 @@ sys.path.insert(0, str(ROOT))
 UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(96, 192, 384, 384),
             cross_attention_dim=32, attention_head_dim=8)  # 32 = the tiny text encoder's width
 STEPS = 2
+UNET_PARAMS = "76 M"  # sum of the parameters of UNET (printed by each child as "params")
 
 # name, resolution, batch, rank, checkpointing, mixed precision, optimizer, preset
 CPU_CONFIGS = [
     ("256px b1 r16", 256, 1, 16, False, "no", "adamw", "transformer"),
     ("512px b1 r16", 512, 1, 16, False, "no", "adamw", "transformer"),
     ("512px b2 r32 ckpt", 512, 2, 32, True, "no", "adamw", "transformer"),
-    ("384px b4 r64 full", 384, 4, 64, False, "no", "sgd", "full"),
+    ("384px b4 r32 full", 384, 4, 32, False, "no", "sgd", "full"),
     ("512px b2 r16 bf16", 512, 2, 16, False, "bf16", "adamw", "transformer"),
 ]
 QUICK_CONFIGS = CPU_CONFIGS[:1] + [("256px b2 r8 ckpt", 256, 2, 8, True, "no", "adamw", "transformer")]
 GPU_CONFIGS = [
     ("512px b1 r16", 512, 1, 16, False, "no", "adamw", "transformer"),
     ("1024px b2 r32", 1024, 2, 32, False, "bf16", "adamw", "transformer"),
-    ("1024px b4 r64 ckpt", 1024, 4, 64, True, "bf16", "adamw", "full"),
+    ("1024px b4 r32 ckpt", 1024, 4, 32, True, "bf16", "adamw", "full"),
     ("768px b4 r16 bf16", 768, 4, 16, False, "bf16", "adafactor", "transformer"),
 ]
 
@@ -107,7 +108,7 @@ def child(spec: dict) -> dict:
         measured = _peak_rss()
         estimated = est.total
     acts = sum(v for k, v in est.breakdown.items() if k.startswith("activations"))
-    slack = sum(v for k, v in est.breakdown.items() if k.startswith("allocator slack"))
+    slack = sum(v for k, v in est.breakdown.items() if "allocator slack" in k)
     return {"estimated": int(estimated), "measured": measured, "activations": int(acts), "slack": int(slack),
             "est_seconds": est_seconds, "train_seconds": train_seconds, "verdict": est.verdict,
             "estimator_overhead": int(estimator_overhead), "peak_reset": peak_reset,
@@ -164,24 +165,33 @@ def gib(n: int) -> str:
     return f"{n / 1024 ** 3:.2f} GiB"
 
 
-def table(rows, device: str, calibrate: bool) -> float:
+def header(device: str, calibrate: bool) -> None:
     counter = "peak RSS" if device == "cpu" else "max_memory_allocated"
-    print(f"\n### {device.upper()}: estimate vs measured {counter} (UNet {rows[0][1]['params'] / 1e6:.0f} M params, "
-          f"{STEPS} steps of trainer.loop.train)\n")
+    print(f"\n### {device.upper()}: estimate vs measured {counter} (UNet {UNET_PARAMS} params, {STEPS} steps of "
+          f"trainer.loop.train, one fresh process per row)\n")
     head = "| config | estimated | measured | error % | activations | estimator's own peak | estimate s | train s |"
     if calibrate:
-        head += " implied heap slack |"
+        head += " slack: estimated / implied MiB |"
     print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    print("|" + "---|" * (head.count("|") - 1), flush=True)
+
+
+def row_line(name: str, r: dict, calibrate: bool) -> tuple[str, float]:
+    err = 100.0 * (r["estimated"] - r["measured"]) / r["measured"]
+    line = (f"| {name} | {gib(r['estimated'])} | {gib(r['measured'])} | {err:+.1f} | {gib(r['activations'])} | "
+            f"+{r['estimator_overhead'] / 2 ** 20:.0f} MiB | {r['est_seconds']:.1f} | {r['train_seconds']:.0f} |")
+    if calibrate:
+        base = r["estimated"] - r["slack"]
+        line += f" {r['slack'] / 2 ** 20:.0f} / {(r['measured'] - base) / 2 ** 20:.0f} |"
+    return line, abs(err)
+
+
+def run_table(configs, device: str, model: Path, threads: int, calibrate: bool) -> float:
+    header(device, calibrate)
     worst = 0.0
-    for name, r in rows:
-        err = 100.0 * (r["estimated"] - r["measured"]) / r["measured"]
-        worst = max(worst, abs(err))
-        line = (f"| {name} | {gib(r['estimated'])} | {gib(r['measured'])} | {err:+.1f} | {gib(r['activations'])} | "
-                f"+{r['estimator_overhead'] / 2 ** 20:.0f} MiB | {r['est_seconds']:.1f} | {r['train_seconds']:.0f} |")
-        if calibrate and r["activations"]:
-            base = r["estimated"] - r["slack"]
-            line += f" {(r['measured'] - base) / r['activations']:.2f} |"
+    for row in configs:
+        line, err = row_line(row[0], run_config(row, device, model, threads), calibrate)
+        worst = max(worst, err)
         print(line, flush=True)
     return worst
 
@@ -193,6 +203,7 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="print the heap slack each CPU row implies")
     parser.add_argument("--no-cpu", action="store_true", help="GPU rows only")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) to run")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
@@ -206,11 +217,11 @@ def main() -> None:
         model = build_tiny_pipeline(Path(tmp) / "tiny", "sd15")
         if not args.no_cpu:
             configs = QUICK_CONFIGS if args.quick else CPU_CONFIGS
-            rows = [(row[0], run_config(row, "cpu", model, args.threads)) for row in configs]
-            worst = max(worst, table(rows, "cpu", args.calibrate))
+            if args.only:
+                configs = [configs[int(i) - 1] for i in args.only.split(",")]
+            worst = max(worst, run_table(configs, "cpu", model, args.threads, args.calibrate))
         if torch.cuda.is_available():
-            rows = [(row[0], run_config(row, "cuda", model, args.threads)) for row in GPU_CONFIGS]
-            worst = max(worst, table(rows, "cuda", args.calibrate))
+            worst = max(worst, run_table(GPU_CONFIGS, "cuda", model, args.threads, args.calibrate))
         else:
             print("\n(no CUDA device: GPU rows skipped)")
     print(f"\nworst_error: {worst:.1f}%")

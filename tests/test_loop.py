@@ -144,3 +144,28 @@ def test_resume_refuses_a_run_with_different_settings(tiny_models, make_latents,
     with pytest.raises(TrainingError, match="different training settings"):
         train(host, latents, config(steps=2, network={"rank": 4}), tmp_path / "run", dataset_cfg=dataset_cfg,
               resume=True)
+
+
+class OOMAtStep(DiffusersHost):
+    def __init__(self, folder, step):
+        super().__init__(folder)
+        self.calls, self.oom_step = 0, step
+
+    def predict(self, noisy, timesteps, cond):
+        self.calls += 1
+        if self.calls == self.oom_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().predict(noisy, timesteps, cond)
+
+
+def test_out_of_memory_saves_a_resumable_state_and_explains(tiny_models, make_latents, tmp_path):
+    from trainer.loop import Hooks
+
+    host = OOMAtStep(tiny_models("sd15"), step=4)
+    latents, dataset_cfg = make_latents(host, write_shape_dataset(tmp_path / "data", 2))
+    hooks = Hooks(oom_report=lambda step: f"the estimate was 9 GiB; peak at step {step}")
+    with pytest.raises(TrainingError, match=r"out of memory at step 4.*step_000003.*estimate was 9 GiB"):
+        train(host, latents, config(steps=6), tmp_path / "run", dataset_cfg=dataset_cfg, hooks=hooks)
+    resumed = train(DiffusersHost(tiny_models("sd15")), latents, config(steps=6), tmp_path / "run",
+                    dataset_cfg=dataset_cfg, resume=True)
+    assert resumed.step == 6 and len(resumed.losses) == 6

@@ -50,6 +50,7 @@ class Hooks:
     on_save: Optional[Callable[[int, Path], None]] = None
     preview: Optional[Callable[[int, LoRANetwork], Optional[str]]] = None  # returns a preview file or None
     preview_every: int = 0
+    oom_report: Optional[Callable[[int], str]] = None  # (step) -> estimate vs what happened, for the OOM message
 
 
 def resume_digest(cfg: TrainConfig) -> str:
@@ -214,11 +215,15 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
             report("stopped", message=f"stopped at step {step}; resumable state saved")
             raise
         except torch.OutOfMemoryError as e:
+            optimizer.zero_grad(set_to_none=True)  # free what the failed step held before writing the state
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             path = snapshot_state(step, rng_at_step_start)
             report("error", message="out of memory")
-            raise TrainingError(
-                f"out of memory at step {step + 1} ({e}). A resumable state is saved in '{path}'. Lower the batch "
-                "size, resolution or rank, turn on gradient checkpointing, or use an 8-bit optimizer") from e
+            advice = (hooks.oom_report(step + 1) if hooks.oom_report else "Lower the batch size, resolution or rank, "
+                      "turn on gradient checkpointing, or use an 8-bit optimizer.")
+            raise TrainingError(f"out of memory at step {step + 1}. A resumable state is saved in '{path}'. "
+                                f"{advice}") from e
     snapshot_state(step, rng_at_step_start)
     report("done", loss=losses[-1] if losses else None)
     return TrainResult(network=network, step=step, losses=losses, run_dir=run_dir, ema=ema)

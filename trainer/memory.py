@@ -84,6 +84,7 @@ import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field, replace
+from dataclasses import replace as dataclasses_replace
 from typing import Any, Iterable, Optional, Sequence
 
 from .host import TrainingError
@@ -98,7 +99,8 @@ TIGHT_MARGIN = 0.25  # below 25 % headroom the verdict is "tight": it should fit
 # --- calibration constants (see the module docstring) ------------------------------------------------------------
 TRACE_SIDES = (8, 16, 24)  # latent sides of the trace forwards (multiples of 8 so every UNet level divides evenly)
 ACTIVATION_PEAK_FACTOR = 1.0  # peak live activation memory / traced saved bytes (measured 0.95 - 1.01)
-CPU_HEAP_SLACK = 0.55  # glibc heap kept on top of live activations on the CPU, x activations (fitted, bench rows)
+CPU_STEP_OVERHEAD = 128 * MIB  # live memory a CPU step needs beyond the counted tensors (measured 100-140 MiB)
+CPU_HEAP_SLACK = 0.75  # glibc heap kept on top of that, x the step's un-checkpointed saved activations (fitted)
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS/cuDNN handles (typical 350-600 MiB with lazy module loading)
 CUDA_ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of live tensors, x activations (not measured)
 FALLBACK_BYTES_PER_PIXEL_PER_SQRT_PARAM = 3.83  # x element size: 138 kB/latent pixel at 81.5 M params in fp32
@@ -599,73 +601,69 @@ def _exclude_ptrs(*modules) -> set:
 
 def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout: float = 0.0,
                    attention: str = "sdpa", checkpointing: bool = True) -> ActivationFit:
-    """Trace the denoiser's saved activations at the small sizes and fit them (cached per model and settings)."""
-    denoiser = host.denoiser()
-    key = (tuple((id(t.module), r) for t, r in zip(targets, ranks)), mixed_precision, dropout > 0, attention,
-           str(host.dtype), checkpointing)
-    with _TRACE_LOCK:
-        cache = _TRACE_CACHE.setdefault(denoiser, {})
-        if key in cache:
-            return cache[key]
-    text = _text_shapes(host)
-    types = {name or "<root>": type(m).__name__ for name, m in denoiser.named_modules()}
-    was_training = denoiser.training
-    samples_plain: list[_Sample] = []
-    samples_ckpt: list[_Sample] = []
-    ckpt_error = ""
+    """Trace the denoiser's saved activations at the small sizes and fit them (cached per model and settings).
+    The checkpointed traces run only when ``checkpointing`` asks for them."""
     import torch
 
+    denoiser = host.denoiser()
+    key = (type(host).__qualname__, tuple((id(t.module), r) for t, r in zip(targets, ranks)), mixed_precision,
+           dropout > 0, attention, str(host.dtype))
+    with _TRACE_LOCK:
+        cache = _TRACE_CACHE.setdefault(denoiser, {})
+        plain = cache.get(key + ("plain",))
+        ckpt = cache.get(key + ("ckpt",))
+    if plain is not None and (ckpt is not None or not checkpointing):
+        return dataclasses_replace(plain, **(ckpt or {}))
+    text = _text_shapes(host)
     host_is_cpu = torch.device(host.device).type == "cpu"
+    was_training = denoiser.training
+
+    def trace_points(adapters, exclude, want_regions: bool) -> list[_Sample]:
+        samples = []
+        for batch, side in _POINTS:
+            def run(batch=batch, side=side):
+                noisy, t, cond = _dummy_inputs(host, batch, side, text)
+                with _autocast(host.device, mixed_precision):
+                    return host.predict(noisy, t, cond)
+
+            samples.append(_trace_once(run, denoiser, exclude, adapters, want_regions=want_regions))
+            if host_is_cpu:
+                _release_heap()
+        return samples
 
     with _grad_mode(), _Adapters(targets, ranks, dropout) as adapters, _attention_context(attention):
         exclude = _exclude_ptrs(denoiser) | {p.untyped_storage().data_ptr() for p in adapters.params}
         rng_state = torch.get_rng_state()
         try:
-            for batch, side in _POINTS:
-                def run(batch=batch, side=side):
-                    noisy, t, cond = _dummy_inputs(host, batch, side, text)
-                    with _autocast(host.device, mixed_precision):
-                        return host.predict(noisy, t, cond)
-
-                samples_plain.append(_trace_once(run, denoiser, exclude, adapters, want_regions=False))
-                if host_is_cpu:
-                    _release_heap()
-            switch = getattr(host, "gradient_checkpointing", None)
-            if checkpointing and switch is not None:
-                try:
-                    with switch(True):
-                        for batch, side in _POINTS:
-                            def run(batch=batch, side=side):
-                                noisy, t, cond = _dummy_inputs(host, batch, side, text)
-                                with _autocast(host.device, mixed_precision):
-                                    return host.predict(noisy, t, cond)
-
-                            samples_ckpt.append(_trace_once(run, denoiser, exclude, adapters, want_regions=True))
-                            if host_is_cpu:
-                                _release_heap()
-                except Exception as e:  # noqa: BLE001 - fall back to the ratio, with a note
-                    ckpt_error = f"{type(e).__name__}: {e}"
-                    samples_ckpt = []
-            elif checkpointing:
-                ckpt_error = "the host has no gradient_checkpointing switch"
+            if plain is None:
+                samples = trace_points(adapters, exclude, want_regions=False)
+                paths = set().union(*(s.by_module for s in samples))
+                adapter_paths = set().union(*(s.adapter_by_module for s in samples))
+                plain = ActivationFit(
+                    modules={p: _fit([s.by_module.get(p, 0) for s in samples]) for p in paths},
+                    adapters={p: _fit([s.adapter_by_module.get(p, 0) for s in samples]) for p in adapter_paths},
+                    types={name or "<root>": type(m).__name__ for name, m in denoiser.named_modules()})
+            if checkpointing and ckpt is None:
+                switch = getattr(host, "gradient_checkpointing", None)
+                if switch is None:
+                    ckpt = {"ckpt_error": "the host has no gradient_checkpointing switch"}
+                else:
+                    try:
+                        with switch(True):
+                            samples = trace_points(adapters, exclude, want_regions=True)
+                        ckpt = {"ckpt_visible": _fit([s.total for s in samples]),
+                                "regions": dict(samples[1].region_of)}
+                    except Exception as e:  # noqa: BLE001 - fall back to the ratio, with a note
+                        ckpt = {"ckpt_error": f"{type(e).__name__}: {e}"}
         finally:
             torch.set_rng_state(rng_state)
             denoiser.train(was_training)
-    paths = set()
-    for s in samples_plain:
-        paths |= set(s.by_module)
-    modules = {p: _fit([s.by_module.get(p, 0) for s in samples_plain]) for p in paths}
-    adapter_paths = set()
-    for s in samples_plain:
-        adapter_paths |= set(s.adapter_by_module)
-    adapter_fit = {p: _fit([s.adapter_by_module.get(p, 0) for s in samples_plain]) for p in adapter_paths}
-    fit = ActivationFit(modules=modules, adapters=adapter_fit, types=types, ckpt_error=ckpt_error)
-    if samples_ckpt:
-        fit.ckpt_visible = _fit([s.total for s in samples_ckpt])
-        fit.regions = dict(samples_ckpt[1].region_of)
     with _TRACE_LOCK:
-        _TRACE_CACHE.setdefault(denoiser, {})[key] = fit
-    return fit
+        cache = _TRACE_CACHE.setdefault(denoiser, {})
+        cache[key + ("plain",)] = plain
+        if ckpt is not None:
+            cache[key + ("ckpt",)] = ckpt
+    return dataclasses_replace(plain, **(ckpt or {}))
 
 
 def trace_text_encoders(host, targets, ranks, *, mixed_precision: str = "no", dropout: float = 0.0,
@@ -875,13 +873,18 @@ class _Context:
         return n, shapes
 
     # -- activations --------------------------------------------------------------------------------------------
-    def fit(self, mixed_precision: str) -> Optional[ActivationFit]:
-        key = mixed_precision
+    def fit(self, mixed_precision: str, checkpointing: bool) -> Optional[ActivationFit]:
+        key = (mixed_precision, checkpointing)
         if key not in self._fits:
+            if (mixed_precision, not checkpointing) in self._fits and self._fits[(mixed_precision,
+                                                                                   not checkpointing)] is None:
+                self._fits[key] = None  # tracing already failed for this model
+                return None
             try:
                 self._fits[key] = trace_denoiser(
                     self.host, self.unet_targets, self.ranks(self.unet_targets, 1.0),
-                    mixed_precision=mixed_precision, dropout=self.cfg.network.dropout, attention=self.attention)
+                    mixed_precision=mixed_precision, dropout=self.cfg.network.dropout, attention=self.attention,
+                    checkpointing=checkpointing)
             except Exception as e:  # noqa: BLE001 - a host that cannot be traced gets the fallback formula
                 self._fits[key] = None
                 self.notes.append(f"activations from a rough formula: tracing the model failed ({type(e).__name__}:"
@@ -891,16 +894,19 @@ class _Context:
     def compute_elem(self, mixed_precision: str) -> int:
         return 2 if mixed_precision in ("bf16", "fp16") else self.weight_elem
 
-    def activations(self, plan: _Plan) -> tuple[float, dict[str, Any]]:
-        fit = self.fit(plan.mixed_precision)
+    def activations(self, plan: _Plan) -> tuple[float, float, dict[str, Any]]:
+        """(peak activation bytes, saved bytes the same step would keep without checkpointing, details)."""
+        fit = self.fit(plan.mixed_precision, plan.checkpointing)
         info: dict[str, Any] = {}
         if fit is None:
             per_pixel = FALLBACK_BYTES_PER_PIXEL_PER_SQRT_PARAM * math.sqrt(max(self.denoiser_params, 1)) \
                 * self.compute_elem(plan.mixed_precision)
-            saved = per_pixel * plan.pixels * plan.batch * (FALLBACK_CHECKPOINT_RATIO if plan.checkpointing else 1)
+            plain = per_pixel * plan.pixels * plan.batch
+            saved = plain * (FALLBACK_CHECKPOINT_RATIO if plan.checkpointing else 1)
             info["fallback_bytes_per_pixel"] = round(per_pixel, 1)
         else:
             saved, traced = fit.saved(plan.batch, plan.pixels, plan.checkpointing, plan.rank_scale)
+            plain = fit.saved(plan.batch, plan.pixels, False, plan.rank_scale)[0] if plan.checkpointing else saved
             if plan.checkpointing and not traced:
                 note = f"checkpointing modelled by a fixed ratio ({fit.ckpt_error or 'no blocks found'})"
                 if note not in self.notes:
@@ -919,7 +925,8 @@ class _Context:
                 casts *= FALLBACK_CHECKPOINT_RATIO
             info["fp8_weight_casts"] = int(casts)
             saved += casts
-        return saved * ACTIVATION_PEAK_FACTOR, info
+            plain += casts
+        return saved * ACTIVATION_PEAK_FACTOR, plain, info
 
     def te_activations(self, plan: _Plan) -> float:
         if not plan.train_text_encoder or not self.te_targets:
@@ -966,7 +973,7 @@ class _Context:
             plan.optimizer, n_adapter, shapes, cfg.optimizer.momentum)
         if cfg.ema_decay > 0:
             breakdown["EMA copy (fp32)"] = 4 * n_adapter
-        acts, act_info = self.activations(plan)
+        acts, plain_acts, act_info = self.activations(plan)
         w, h = plan.bucket
         breakdown[f"activations ({w}x{h}, batch {plan.batch}"
                   f"{', checkpointed' if plan.checkpointing else ''})"] = int(acts)
@@ -987,10 +994,10 @@ class _Context:
             counted_here = self.denoiser_here + (self.te_here if te_needed else 0) \
                 + (self.vae_here if plan.resident_encoders else 0)
             baseline = max(0, self.rss() - counted_here)
-            slack = int(CPU_HEAP_SLACK * (acts + te_acts))
+            slack = int(CPU_STEP_OVERHEAD + CPU_HEAP_SLACK * (plain_acts + te_acts))
             framework = baseline + slack
             breakdown["process baseline (Python, torch, other data)"] = baseline
-            breakdown["allocator slack (CPU heap)"] = slack
+            breakdown["step overhead + allocator slack (CPU heap)"] = slack
             resident = self.rss()  # everything the process holds now is inside the estimate
         total = tensors + framework
         free = int(self.mem.free)
@@ -1048,13 +1055,12 @@ class _Context:
             variants.append((f"lower batch_size {plan.batch} -> {new_batch} (set optimizer.grad_accumulation to "
                              f"{accum} to keep the effective batch)", replace(plan, batch=new_batch)))
         w, h = plan.bucket
-        if max(w, h) > 256:
-            step = 64
-            scale = 0.75
-            nw, nh = max(step, int(w * scale) // step * step), max(step, int(h * scale) // step * step)
-            largest = max(w, h)
-            new_res = max(nw, nh)
-            variants.append((f"lower the training resolution (bucket resolution) {largest} -> {new_res}",
+        res = int(round(math.sqrt(w * h) / 64)) * 64
+        new_res = int(res * 0.75) // 64 * 64
+        if new_res >= 256:
+            scale = new_res / res
+            nw, nh = max(8, int(round(w * scale / 8)) * 8), max(8, int(round(h * scale / 8)) * 8)
+            variants.append((f"lower the training resolution (buckets.resolutions) {res} -> {new_res}",
                              replace(plan, bucket=(nw, nh), pixels=(nw / 8) * (nh / 8))))
         if not plan.checkpointing:
             variants.append(("turn on gradient_checkpointing (about 20-40 % slower steps)",
