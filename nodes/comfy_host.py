@@ -79,29 +79,33 @@ class ComfyHost:
 
     @contextlib.contextmanager
     def gradient_checkpointing(self, enabled: bool):
-        """Recompute each UNet block in backward instead of keeping its activations; undone afterwards."""
+        """Recompute each UNet layer in backward instead of keeping its activations; undone afterwards.
+
+        ComfyUI's UNet iterates over the layers inside each block itself (`forward_timestep_embed`), so the layers
+        (ResBlock, SpatialTransformer, Down/Upsample) are what gets wrapped, not the blocks. The very last layer is
+        left alone: its recomputation would happen first thing in backward, saving no memory.
+        """
         if not enabled:
             yield
             return
         from torch.utils.checkpoint import checkpoint
 
         blocks = list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks)
-        patched = []
+        layers = [layer for block in blocks for layer in block][:-1]
         try:
-            for block in blocks:
-                original = block.forward
+            for layer in layers:
+                original = layer.forward
 
                 def forward(*args, _original=original, **kwargs):
                     if not torch.is_grad_enabled():
                         return _original(*args, **kwargs)
                     return checkpoint(_original, *args, use_reentrant=False, **kwargs)
 
-                block.forward = forward  # an instance attribute: deleting it restores the class method
-                patched.append(block)
+                layer.forward = forward  # an instance attribute: deleting it restores the class method
             yield
         finally:
-            for block in patched:
-                del block.forward
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def training_session(self, keep_text_encoder: bool = False, train_text_encoder: bool = False):

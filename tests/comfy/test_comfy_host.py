@@ -134,3 +134,21 @@ def test_batch_of_two_conditions_each_image_on_its_own_caption(pack, tiny_models
         assert len(matches) == 1  # each row is exactly one caption's own encoding, not an average
         assert torch.allclose(cond.pooled[row].cpu(), expected[matches[0]]["pooled"], atol=1e-5)
     assert {c for c in captions} == {c for c in expected}
+
+
+def test_gradient_checkpointing_recomputes_the_unet_layers(pack, tiny_models, tmp_path, monkeypatch):
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    model, clip, vae = tiny_models("sd15")
+    calls = []
+    original = openaimodel.ResBlock.forward
+    monkeypatch.setattr(openaimodel.ResBlock, "forward", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    resblocks = sum(isinstance(m, openaimodel.ResBlock) for m in host.unet.modules())
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    loop = pack("trainer.loop")
+    for checkpointing, expected in ((False, resblocks), (True, 2 * resblocks - 1)):
+        calls.clear()
+        loop.train(host, latents, small_config(pack, steps=1, batch_size=1, gradient_checkpointing=checkpointing),
+                   tmp_path / f"run{checkpointing}", dataset_cfg=dataset_cfg)
+        assert len(calls) == expected  # with checkpointing every ResBlock but the last runs again in backward
