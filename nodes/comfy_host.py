@@ -115,6 +115,10 @@ class ComfyHost:
         inference mode (a checkpoint loaded on the CPU) cannot take part in autograd, so for the run they are
         swapped for ordinary copies; the original tensors are put back afterwards, untouched.
         """
+        if getattr(self, "_session_active", False):  # re-entered (the estimate and the loop share one session)
+            yield
+            return
+        self._session_active = True
         self._keep_text_encoder = keep_text_encoder and self.clip is not None
         self.mm.unload_all_models()
         self.reload()
@@ -132,6 +136,7 @@ class ComfyHost:
         finally:
             for module, name, param in swapped:
                 module._parameters[name] = param
+            self._session_active = False
 
     def reload(self) -> None:
         """(Re)load the model fully on the device, e.g. after a preview loaded the VAE next to it."""

@@ -116,6 +116,8 @@ class TrainLoRA(io.ComfyNode):
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         plot = image_to_tensor(render_loss_plot(read_history(run_dir), title=run_dir.name))
         text = f"run: {run_dir}\nsteps: {len(losses)}" + (f"\nfinal loss: {losses[-1]:.4f}" if losses else "")
+        if (run_dir / "estimate.txt").is_file():
+            text += "\n" + (run_dir / "estimate.txt").read_text()
         return io.NodeOutput(model_out, clip_out, lora, {"loss": list(losses)}, plot,
                              ui={"text": [text], "loralab_run": [run_dir.name]})
 
@@ -130,6 +132,8 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     from ..trainer.host import TrainingInterrupted
     from ..trainer.lora_file import build_metadata, save_lora
     from ..trainer.loop import Hooks, train
+    from ..trainer.memory import check_fits, estimate_training_memory, measured_peak, oom_report
+    from ..trainer.preflight import preflight, raise_problems
     from ..trainer.runlog import RunLog
     from ..trainer.state import latest_snapshot
     from .paths import runs_root
@@ -145,6 +149,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
 
     bar = comfy.utils.ProgressBar(cfg.steps)
     prompts = parse_prompts(preview_prompts)
+
     def on_step(step, loss, lr):
         host.check_interrupt()  # before the bar: its hook would raise ComfyUI's exception and skip our state save
         bar.update_absolute(step, cfg.steps)
@@ -162,16 +167,31 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
                                                                settings)
         hooks.preview_every = preview_every
 
+    # Pre-flight: every input check at once, then the memory estimate (refuses to start when it cannot fit).
+    # One training session (model loaded, autograd-ready weights) serves the estimate's trace and the run.
+    keep_te = cfg.network.train_text_encoder or latents.dataset_config.shuffle_captions
+    samples = latents.latents.samples
+    warnings = raise_problems(preflight(
+        host, cfg, None, latents.bucket_config, latent_channels_from_vae=samples[0].latent.shape[0],
+        output_dir=run_dir.parent, cache_dir=latents.cache_dir, resume_dir=run_dir if resume else None))
     was_training = getattr(mm, "in_training", None)
     if was_training is not None:
         mm.in_training = True
     try:
-        with RunLog(run_dir) as runlog:
-            reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
-                                        total=cfg.steps)
-            result = train(host, latents.latents, cfg, run_dir, dataset_cfg=latents.dataset_config,
-                           text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,
-                           hooks=hooks, runlog=runlog)
+        with host.training_session(keep_te, cfg.network.train_text_encoder):
+            estimate = estimate_training_memory(host, cfg, sorted({s.bucket for s in samples}),
+                                                resident_encoders=keep_te)
+            fit_note = check_fits(estimate, allow_over_memory)
+            notes = [str(w) for w in warnings] + ([fit_note] if fit_note else [])
+            hooks.oom_report = lambda step: oom_report(estimate, measured_peak(host), step)
+            write_text(run_dir / "estimate.txt", "\n".join([estimate.to_text()] + notes) + "\n")
+            with RunLog(run_dir) as runlog:
+                reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
+                                            total=cfg.steps)
+                reporter.report("encoding", step=0, mem=host.memory, message="; ".join([estimate.summary()] + notes))
+                result = train(host, latents.latents, cfg, run_dir, dataset_cfg=latents.dataset_config,
+                               text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,
+                               hooks=hooks, runlog=runlog)
     except TrainingInterrupted:
         # The resumable state is saved; now report ComfyUI's own interruption (and clear its flag).
         mm.throw_exception_if_processing_interrupted()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from trainer.config import BucketConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.host import MemoryInfo, TrainingError
 from trainer import memory as M
 

@@ -13,8 +13,8 @@ The same steps the ComfyUI nodes run, driven by one config file (JSON or YAML):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +23,8 @@ from .config import BucketConfig, ConfigError, DatasetConfig, TrainConfig, _buil
 
 log = logging.getLogger("loralab")
 
-TOP_LEVEL_KEYS = {"model", "device", "dataset", "buckets", "train", "output", "resume", "title", "trigger_phrase"}
+TOP_LEVEL_KEYS = {"model", "device", "dataset", "buckets", "train", "output", "resume", "title", "trigger_phrase",
+                  "allow_over_memory"}
 
 
 @dataclass
@@ -39,6 +40,7 @@ class HeadlessSpec:
     resume: bool = False
     title: str = ""
     trigger_phrase: str = ""
+    allow_over_memory: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path = Path(".")) -> "HeadlessSpec":
@@ -64,6 +66,7 @@ class HeadlessSpec:
             lora_path=resolve(lora_path), cache_dir=resolve(cache_dir), device=str(data.get("device", "cpu")),
             resume=bool(data.get("resume", False)), title=str(data.get("title", "")),
             trigger_phrase=str(data.get("trigger_phrase", dataset.trigger_word)),
+            allow_over_memory=bool(data.get("allow_over_memory", False)),
         )
 
 
@@ -71,33 +74,40 @@ def run(spec: HeadlessSpec, echo=print):
     """Train one LoRA headless. Returns the loop's TrainResult."""
     import torch
 
+    from .atomic import write_text
     from .cache import prepare_latents
     from .dataset import scan_dataset
     from .events import ProgressReporter
     from .hosts.diffusers_host import DiffusersHost
     from .lora_file import build_metadata, save_lora
-    from .loop import train
+    from .loop import Hooks, train
+    from .memory import check_fits, estimate_training_memory, measured_peak, oom_report
+    from .preflight import preflight, raise_problems
     from .plot import save_loss_plot
     from .runlog import RunLog, read_history
 
     torch.manual_seed(spec.train.seed)
     host = DiffusersHost(spec.model, device=spec.device)
     echo(f"model: {spec.model} ({host.family}, {host.schedule.prediction}-prediction) on {host.device}")
+    raise_problems(preflight(host, spec.train, spec.dataset, spec.buckets, latent_channels_from_vae=host.latent_channels,
+                             output_dir=spec.run_dir, cache_dir=spec.cache_dir,
+                             resume_dir=spec.run_dir if spec.resume else None))
     dataset = scan_dataset(spec.dataset, min_size=min(spec.buckets.resolutions))
     echo(dataset.report.to_text())
     latents = prepare_latents(dataset, spec.buckets, host.encode_images, host.image_encoder_id,
                               spec.cache_dir / "latents", seed=spec.train.seed)
     echo(latents.report.to_text() if hasattr(latents.report, "to_text") else str(latents.report))
 
+    estimate = estimate_training_memory(host, spec.train, sorted({s.bucket for s in latents.samples}),
+                                        resident_encoders=True)
+    echo(estimate.to_text())
+    note = check_fits(estimate, spec.allow_over_memory)
+    if note:
+        echo(note)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     config_record = {"model": spec.model, "dataset": dataclasses.asdict(spec.dataset),
                      "buckets": dataclasses.asdict(spec.buckets), "train": spec.train.to_dict()}
-    from .atomic import write_text
-    import json
-
     write_text(spec.run_dir / "config.json", json.dumps(config_record, indent=1))
-    last_line = {"t": 0.0}
-
     def emit(payload: dict) -> None:
         if payload["phase"] == "training":
             echo(f"step {payload['step']}/{payload['total']}  loss {payload['loss']:.4f}  "
@@ -108,7 +118,8 @@ def run(spec: HeadlessSpec, echo=print):
     reporter = ProgressReporter(emit, node="cli", run=spec.run_dir.name, total=spec.train.steps, min_interval=1.0)
     with RunLog(spec.run_dir) as runlog:
         result = train(host, latents, spec.train, spec.run_dir, dataset_cfg=spec.dataset,
-                       text_cache_dir=spec.cache_dir / "text", resume=spec.resume, reporter=reporter, runlog=runlog)
+                       text_cache_dir=spec.cache_dir / "text", resume=spec.resume, reporter=reporter, runlog=runlog,
+                       hooks=Hooks(oom_report=lambda step: oom_report(estimate, measured_peak(host), step)))
     metadata = build_metadata(
         spec.train, family=host.family, prediction=host.schedule.prediction,
         resolution=max(spec.buckets.resolutions), title=spec.title or spec.lora_path.stem,

@@ -52,17 +52,27 @@ checkpointed blocks plus the blocks' inputs, and the backward pass recomputes on
 diffusers' resnets and transformer blocks, or ComfyUI's input/middle/output blocks). Text-encoder training adds a
 trace of ``host.text_forward`` at batch 1 and 2.
 
-The peak is then ``activations = ACTIVATION_PEAK_FACTOR * saved`` (the gradients flowing through the backward pass
-and the loss come on top of what is saved) plus the allocator slack above. Calibration (bench/memory.py and
-``python bench/memory.py --calibrate``, diffusers UNet2DConditionModel of 81 M parameters built at random, SD1.5
-layout at 0.3x width, CPU, fp32, rank 16 "transformer" preset, AdamW): live tensor memory measured as peak RSS with
-``MALLOC_MMAP_THRESHOLD_=16384`` (every tensor its own mapping, returned on free, so RSS = live bytes) against the
-traced saved bytes: 256 px b1: 146 MB measured vs 152 MB saved; 512 px b1: 581 vs 577; 512 px b2: 1162 vs 1154;
-512 px b1 checkpointed: 150 vs 158 -- so ACTIVATION_PEAK_FACTOR = 1.0. With the default allocator, peak RSS exceeds
-that by heap fragmentation (freed activations that glibc keeps): CPU_HEAP_SLACK (fitted over the bench rows, see
-the constant). For a sense of scale, the same trace on a real-size SD1.5 UNet says 1.0 GiB of saved activations
-for bf16 512 px batch 1 without checkpointing; SimpleTuner's published SD1.x table (2.9 GiB total with 1.7 GiB
-of bf16 weights) leaves 1.2 GiB for everything else.
+The peak is then ``activations = ACTIVATION_PEAK_FACTOR * saved`` plus the device's overheads (framework, above).
+Calibration, CPU, fp32, diffusers UNet2DConditionModel built at random in the SD1.5 layout at 0.3x width (blocks
+96/192/384/384, 81 M parameters with 768-wide cross-attention; 76 M in bench/memory.py, whose text encoder is 32
+wide), rank 16 "transformer" preset, AdamW, steps of ``trainer.loop.train`` or an equivalent forward/backward/AdamW:
+
+* live tensor memory, measured as the peak-RSS rise of a step run with ``MALLOC_MMAP_THRESHOLD_=16384`` (every
+  allocation its own mapping, unmapped on free, so RSS follows live bytes), against the traced saved bytes:
+  256 px b1 146 MB measured / 152 MB traced; 512 px b1 581 / 577; 512 px b2 1162 / 1154 -> ACTIVATION_PEAK_FACTOR
+  = 1.0. The whole engine step needs 100-140 MiB more than the counted tensors regardless of size and batch
+  (bench rows under that allocator: 512 px b1, 512 px b2 checkpointed, 512 px b2 bf16) -> CPU_STEP_OVERHEAD.
+* with the default glibc allocator the process's peak RSS is higher again: freed activation blocks stay in the
+  heap. That excess tracks the step's *un-checkpointed* saved activations (a checkpointed step recomputes them in
+  the backward pass, so it allocates and frees the same blocks): 0.54-0.97x over the five bench rows (bf16 lowest)
+  -> CPU_HEAP_SLACK = 0.75. With these constants every bench row is within 9 % (see bench/memory.py).
+* real-size check (not a fit): on a full-size SD1.5 UNet (860 M, bf16 weights) the trace gives 1.3 GiB of
+  activations at 512 px batch 1 without checkpointing and 0.34 GiB with it; with 1.6 GiB of weights that is 3.0 /
+  2.0 GiB, against 2.9 / 2.0 GiB in SimpleTuner's published SD1.x LoRA table (H100, bf16, rank 16).
+
+On CUDA nothing here was measured (no GPU was available): CUDA_CONTEXT_BYTES and CUDA_ALLOCATOR_SLACK are typical
+values; ``python bench/memory.py`` prints a GPU table (estimate less context/slack vs torch.cuda.max_memory_allocated)
+when a GPU is present.
 
 If the trace cannot run (a host whose denoiser cannot be called with dummy inputs), a fallback formula is used and
 a note says so: ``bytes per latent pixel per sample = FALLBACK_BYTES_PER_PIXEL_PER_SQRT_PARAM * sqrt(params) *
@@ -84,8 +94,7 @@ import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field, replace
-from dataclasses import replace as dataclasses_replace
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .host import TrainingError
 
@@ -182,7 +191,7 @@ class MemoryEstimate:
         for label, value in self.breakdown.items():
             lines.append(f"  {label.ljust(width)}  {fmt_bytes(value):>10}")
         if self.suggestions:
-            lines.append("To use less memory (each change alone):")
+            lines.append("To use less memory:")
             for sug in self.suggestions[:max_suggestions]:
                 lines.append(f"  - {sug.change}: saves {fmt_bytes(sug.saves)} -> {fmt_bytes(sug.total)} "
                              f"({sug.verdict})")
@@ -613,7 +622,7 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
         plain = cache.get(key + ("plain",))
         ckpt = cache.get(key + ("ckpt",))
     if plain is not None and (ckpt is not None or not checkpointing):
-        return dataclasses_replace(plain, **(ckpt or {}))
+        return replace(plain, **(ckpt or {}))
     text = _text_shapes(host)
     host_is_cpu = torch.device(host.device).type == "cpu"
     was_training = denoiser.training
@@ -663,7 +672,7 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
         cache[key + ("plain",)] = plain
         if ckpt is not None:
             cache[key + ("ckpt",)] = ckpt
-    return dataclasses_replace(plain, **(ckpt or {}))
+    return replace(plain, **(ckpt or {}))
 
 
 def trace_text_encoders(host, targets, ranks, *, mixed_precision: str = "no", dropout: float = 0.0,
@@ -1079,7 +1088,7 @@ class _Context:
                              "embeddings first)", replace(plan, resident_encoders=False)))
         if plan.train_text_encoder:
             variants.append(("turn off network.train_text_encoder", replace(plan, train_text_encoder=False)))
-        out = []
+        out, plans = [], {}
         for change, variant in variants:
             try:
                 est = self.estimate(variant)
@@ -1088,7 +1097,22 @@ class _Context:
             saves = base.total - est.total
             if saves >= 1 * MIB:
                 out.append(Suggestion(change, int(saves), est.total, est.verdict))
+                plans[change] = variant
         out.sort(key=lambda s: -s.saves)
+        if base.verdict == "does not fit" and len(out) >= 2 and all(s.verdict == "does not fit" for s in out):
+            # No single change is enough: offer the three biggest together.
+            top = out[:3]
+            combined = plan
+            for sug in top:
+                changed = {f: getattr(plans[sug.change], f) for f in plan.__dataclass_fields__
+                           if getattr(plans[sug.change], f) != getattr(plan, f)}
+                combined = replace(combined, **changed)
+            try:
+                est = self.estimate(combined)
+                out.insert(0, Suggestion("all of: " + "; ".join(s.change for s in top), int(base.total - est.total),
+                                         est.total, est.verdict))
+            except Exception:  # noqa: BLE001
+                pass
         base.notes = list(self.notes)
         return out
 
