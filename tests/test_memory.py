@@ -10,6 +10,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.host import MemoryInfo, TrainingError
+from trainer import activation_trace as T
 from trainer import memory as M
 
 
@@ -137,16 +138,16 @@ def test_trace_fit_extrapolates_exactly(host):
     ranks = [4] * len(targets)
     fit = M.trace_denoiser(host, targets, ranks, checkpointing=False)
     predicted, _ = fit.saved(3, 40 * 40, checkpointing=False)
-    text = M._text_shapes(host)
+    text = T._text_shapes(host)
     denoiser = host.denoiser()
-    with M._grad_mode(), M._Adapters(targets, ranks, 0.0) as adapters:
-        exclude = M._exclude_ptrs(denoiser) | {p.untyped_storage().data_ptr() for p in adapters.params}
+    with T._grad_mode(), T._Adapters(targets, ranks, 0.0) as adapters:
+        exclude = T._exclude_ptrs(denoiser) | {p.untyped_storage().data_ptr() for p in adapters.params}
 
         def run():
-            noisy, t, cond = M._dummy_inputs(host, 3, 40, text)
+            noisy, t, cond = T._dummy_inputs(host, 3, 40, text)
             return host.predict(noisy, t, cond)
 
-        measured = M._trace_once(run, denoiser, exclude, adapters, want_regions=False).total
+        measured = T._trace_once(run, denoiser, exclude, adapters, want_regions=False).total
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
@@ -173,8 +174,8 @@ def test_adapter_emulation_matches_the_real_network(host):
         return None
 
     side, batch = 32, 2
-    noisy, t, cond = M._dummy_inputs(host, batch, side, M._text_shapes(host))
-    with M._grad_mode(), network.attached(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+    noisy, t, cond = T._dummy_inputs(host, batch, side, T._text_shapes(host))
+    with T._grad_mode(), network.attached(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
         out = host.predict(noisy, t, cond)
         del out
     measured = sum(seen.values())
