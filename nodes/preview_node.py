@@ -119,8 +119,8 @@ class SamplePreview(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model (not Train LoRA's MODEL output, which already has "
                                "the LoRA applied)."),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Clip.Input("clip", tooltip="Encodes the prompts (use the CLIP the LoRA was trained with)."),
+                io.Vae.Input("vae", tooltip="Decodes the sampled latents into images."),
                 io.LoraModel.Input("lora", optional=True, tooltip="The LORA output of Train LoRA. Without it, "
                                    "every column shows the base model."),
                 io.String.Input("prompts", multiline=True, default="a photo of sks",
@@ -132,10 +132,12 @@ class SamplePreview(io.ComfyNode):
                              "so columns differ only by the LoRA."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.5, tooltip="Classifier-free guidance."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
-                io.Int.Input("width", default=512, min=64, max=4096, step=64),
-                io.Int.Input("height", default=512, min=64, max=4096, step=64),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="ComfyUI sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="Noise schedule, as in KSampler."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=64, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=64, tooltip="Image height in pixels."),
             ],
             outputs=[io.Image.Output(display_name="grid")],
         )

@@ -152,3 +152,18 @@ def test_gradient_checkpointing_recomputes_the_unet_layers(pack, tiny_models, tm
         loop.train(host, latents, small_config(pack, steps=1, batch_size=1, gradient_checkpointing=checkpointing),
                    tmp_path / f"run{checkpointing}", dataset_cfg=dataset_cfg)
         assert len(calls) == expected  # with checkpointing every ResBlock but the last runs again in backward
+
+
+def test_node_list_loads_without_the_engine(loralab_pack):
+    import asyncio
+
+    before = set(sys.modules)
+    extension = asyncio.run(loralab_pack.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    assert {n.define_schema().node_id for n in nodes} == {
+        "LoraLab_LoadDataset", "LoraLab_CacheLatents", "LoraLab_ConfigureLoRA", "LoraLab_TrainLoRA",
+        "LoraLab_SaveLoRA", "LoraLab_SamplePreview"}
+    loaded = {m for m in set(sys.modules) - before if m.startswith("loralab_pack.trainer")}
+    assert loaded <= {"loralab_pack.trainer"}  # engine modules load inside node execution only
+    missing = [(n.define_schema().node_id, i.id) for n in nodes for i in n.define_schema().inputs if not i.tooltip]
+    assert missing == []  # every input explains itself in the UI
