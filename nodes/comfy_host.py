@@ -70,8 +70,12 @@ class ComfyHost:
                                 for diff, ldm in mapping.items() if diff.endswith(".weight")}
         targets = unet_targets(self.unet, self.family, preset, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
         if text_encoder:
-            if self.clip is None:
-                raise TrainingError("text-encoder training is on but no CLIP is connected to Train LoRA")
+            # ComfyUI's CLIP layers add their residuals in place (x += ...), which autograd cannot differentiate
+            # through; patching ComfyUI's forward would tie us to one ComfyUI version. Say so plainly instead.
+            raise TrainingError(
+                "Configure LoRA: train_text_encoder is not available inside ComfyUI yet (ComfyUI's CLIP updates "
+                "tensors in place, which breaks gradients). Turn train_text_encoder off (UNet-only LoRAs are the "
+                "usual choice for SD1.5/SDXL), or train the text encoder headless with `python -m trainer train`")
             prefixes = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
             for component, encoder in self.text_encoders().items():
                 targets += text_encoder_targets(encoder, prefixes[component])

@@ -72,7 +72,8 @@ def test_names_are_all_in_comfyuis_key_map(pack, tiny_models, comfy):
         host = pack("nodes.comfy_host").ComfyHost(model, clip, vae)
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model,
                                                   comfy.lora.model_lora_keys_unet(model.model, {}))
-        names = [t.name for t in host.adapter_targets("full", True, True)]
+        te_targets = pack("trainer.targets").all_text_encoder_targets(host.text_encoders())
+        names = [t.name for t in host.adapter_targets("full", True, False) + te_targets]
         assert names and all(name in key_map for name in names), [n for n in names if n not in key_map][:5]
 
 
@@ -167,3 +168,14 @@ def test_node_list_loads_without_the_engine(loralab_pack):
     assert loaded <= {"loralab_pack.trainer"}  # engine modules load inside node execution only
     missing = [(n.define_schema().node_id, i.id) for n in nodes for i in n.define_schema().inputs if not i.tooltip]
     assert missing == []  # every input explains itself in the UI
+
+
+def test_text_encoder_training_in_comfyui_is_refused_with_the_reason(pack, tiny_models, tmp_path):
+    model, clip, vae = tiny_models("sd15")
+    before = snapshot(model)
+    host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    cfg = small_config(pack, steps=2, network={"rank": 4, "alpha": 4, "train_text_encoder": True})
+    with pytest.raises(pack("trainer.host").TrainingError, match="train_text_encoder is not available inside ComfyUI"):
+        pack("trainer.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
+    assert_unchanged(model, before)

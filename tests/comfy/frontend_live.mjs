@@ -1,0 +1,374 @@
+// The live panel in the REAL ComfyUI page (run by tests/comfy/test_frontend_live.py against its comfy_server).
+//
+// Opens the running ComfyUI server's own frontend in Debian's Chromium through playwright-core (no browser download),
+// loads the shipped UI example example_workflows/train_then_generate_sd15.json with app.loadGraphData(), shrinks it
+// to tiny settings by setting widget values by name, queues it with app.queuePrompt(0, 1) (what the Run button
+// calls), then checks what the Train LoRA node's panel shows while it trains; reloads the page mid-run and checks
+// that the whole curve (every step up to the one seen before the reload) comes back; stops the run with
+// POST /interrupt and checks the panel says "stopped".
+//
+// Input (environment): LORALAB_COMFY_URL, LORALAB_DATASET (absolute folder), LORALAB_CKPT (checkpoint file name in
+// models/checkpoints), LORALAB_RUN_NAME, LORALAB_STEPS (default 60), LORALAB_CHROMIUM (default /usr/bin/chromium),
+// LORALAB_ARTIFACTS (default <repo>/test-artifacts).
+// Output: screenshots frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png; a JSON
+// summary line "SUMMARY {...}". Exit codes: 0 pass, 1 fail, 77 a requirement is missing (the pytest wrapper skips).
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ROOT = resolve(HERE, "..", "..");
+const ARTIFACTS = process.env.LORALAB_ARTIFACTS || join(ROOT, "test-artifacts");
+const CHROMIUM = process.env.LORALAB_CHROMIUM || "/usr/bin/chromium";
+const BASE = (process.env.LORALAB_COMFY_URL || "").replace(/\/$/, "");
+const DATASET = process.env.LORALAB_DATASET || "";
+const CKPT = process.env.LORALAB_CKPT || "";
+const RUN_NAME = process.env.LORALAB_RUN_NAME || "frontend_live";
+const STEPS = Number(process.env.LORALAB_STEPS || 60);
+const TRAIN_NODE = 5; // Train LoRA's id in the example workflow
+const EXT_URL = "/extensions/comfyui-lora-lab/loralab.js"; // harness.PACK_FOLDER_NAME; same URL = same module
+const t0 = Date.now();
+const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
+
+function skip(reason) {
+  console.log(`SKIP: ${reason}`);
+  process.exit(77);
+}
+
+let chromium;
+try {
+  ({ chromium } = await import("playwright-core"));
+} catch {
+  skip("playwright-core is not installed (npm ci in the repository root)");
+}
+if (!existsSync(CHROMIUM)) skip(`no Chromium at ${CHROMIUM} (apt-get install -y chromium, or set LORALAB_CHROMIUM)`);
+if (!BASE || !DATASET || !CKPT) {
+  console.log("FAIL: LORALAB_COMFY_URL, LORALAB_DATASET and LORALAB_CKPT are required");
+  process.exit(1);
+}
+
+const failures = [];
+function check(cond, msg) {
+  if (!cond) {
+    failures.push(msg);
+    log(`CHECK FAILED: ${msg}`);
+  }
+  return !!cond;
+}
+
+// A fresh user gets the "Get Started with a Template" dialog over the canvas; mark the tutorial as done (the same
+// setting the dialog writes) before the page loads. The Escape below is a fallback.
+async function prepareUserSettings() {
+  const res = await fetch(`${BASE}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
+  if (!res.ok) log(`warning: could not store Comfy.TutorialCompleted (${res.status})`);
+}
+
+async function waitForApp(page) {
+  await page.waitForFunction(
+    () => !!(window.app && window.app.graph && window.app.canvas && window.app.extensionManager?.workflow),
+    null, { timeout: 120000, polling: 250 });
+  // our extension module is loaded by the frontend; importing the same URL gives the same module instance
+  await page.waitForFunction(async (url) => {
+    try {
+      return !!(await import(url)).__loralab;
+    } catch {
+      return false;
+    }
+  }, EXT_URL, { timeout: 60000, polling: 500 });
+  for (let i = 0; i < 3; i++) {
+    const open = await page.evaluate(() => document.querySelectorAll(".p-dialog-mask").length);
+    if (!open) break;
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+  }
+}
+
+// Scale 1, Train LoRA near the top-left corner: the DOM widget is mounted (visible) and screenshots are legible.
+async function showTrainNode(page) {
+  await page.evaluate((id) => {
+    const node = app.graph.getNodeById(id);
+    const ds = app.canvas.ds;
+    ds.scale = 1;
+    ds.offset[0] = -node.pos[0] + 60;
+    ds.offset[1] = -node.pos[1] + 60;
+    app.canvas.setDirty(true, true);
+  }, TRAIN_NODE);
+  await page.waitForTimeout(400);
+}
+
+// What the Train LoRA node shows, read from its panel's DOM and the extension's state for the node.
+async function panelInfo(page) {
+  return page.evaluate(async ({ id, url }) => {
+    const { __loralab } = await import(url);
+    const node = app.graph.getNodeById(id);
+    const panel = node?.__loralabPanel;
+    const root = panel?.root;
+    if (!root) return { node: !!node, panel: false };
+    const q = (c) => root.querySelector(c)?.textContent ?? null;
+    const canvas = root.querySelector("canvas");
+    let inked = 0;
+    if (canvas && canvas.width && canvas.height) {
+      const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      for (let i = 3; i < d.length; i += 4) if (d[i] > 0) inked++;
+    }
+    const r = root.getBoundingClientRect();
+    const st = __loralab.store.findFor(id);
+    return {
+      panel: true,
+      connected: root.isConnected,
+      visible: r.width > 50 && r.height > 50 && getComputedStyle(root).visibility !== "hidden",
+      phase: q(".loralab-phase"), step: q(".loralab-step"), loss: q(".loralab-loss"), ema: q(".loralab-ema"),
+      memLabel: q(".loralab-mem-label"), memText: q(".loralab-mem-text"), memDetail: q(".loralab-mem-detail"),
+      allocWidth: parseFloat(root.querySelector(".loralab-bar-alloc")?.style.width || "0"),
+      msg: q(".loralab-msg"),
+      inked,
+      runProp: node.properties?.loralab_run ?? null,
+      state: st ? { run: st.run, phase: st.phase, step: st.step, total: st.total, historyRun: st.historyRun,
+        steps: st.series.steps.slice(), loss: st.series.loss.slice() } : null,
+    };
+  }, { id: TRAIN_NODE, url: EXT_URL });
+}
+
+const stepOf = (text) => {
+  const m = /^step (\d+)(?: \/ (\d+))?$/.exec(text || "");
+  return m ? { step: Number(m[1]), total: m[2] ? Number(m[2]) : null } : null;
+};
+const LOSS_RE = /^loss -?\d+(\.\d+)?(e-?\d+)?$/;
+const MEM_RE = /^\d+(\.\d+)? \/ \d+(\.\d+)? (B|KiB|MiB|GiB|TiB)$/;
+
+// Poll the panel until `pred(info)` holds (the DOM is redrawn at most 4 times per second).
+async function waitPanel(page, what, pred, timeoutMs) {
+  const end = Date.now() + timeoutMs;
+  let info = null;
+  while (Date.now() < end) {
+    info = await panelInfo(page);
+    if (info.panel && pred(info)) return info;
+    await page.waitForTimeout(250);
+  }
+  const { state, ...shown } = info || {};
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; panel: ${JSON.stringify(shown)}; ` +
+    `state: ${JSON.stringify(state && { ...state, steps: state.steps.length, loss: undefined })}`);
+}
+
+function shrinkWorkflow(wf) {
+  return {
+    1: { ckpt_name: CKPT },
+    2: { folder: DATASET, caption_dropout: 0 },
+    3: { resolution: 64, min_bucket: 64, max_bucket: 128, bucket_step: 64 },
+    4: { mixed_precision: "no", rank: 4, alpha: 4, warmup_steps: 0 },
+    [TRAIN_NODE]: { steps: STEPS, save_every: 0, preview_every: 0, run_name: RUN_NAME },
+    6: { filename: `loralab/${RUN_NAME}`, dtype: "fp32" },
+    9: { width: 64, height: 64 },
+    10: { steps: 2 },
+  };
+}
+
+const userDataDir = mkdtempSync(join(tmpdir(), "loralab-chromium-"));
+let context;
+const summary = { steps: STEPS };
+const pageErrors = [];
+try {
+  await prepareUserSettings();
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-component-update", "--no-first-run", "--disable-sync"],
+    viewport: { width: 1280, height: 800 },
+    deviceScaleFactor: 1,
+  });
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const page = await context.newPage();
+  // The frontend logs its own unrelated errors (404s for optional user files, a settings hook on a fresh user);
+  // only errors that come from our extension fail the test.
+  page.on("pageerror", (e) => pageErrors.push(String(e && e.stack ? e.stack : e)));
+  page.on("console", (m) => {
+    if ((m.type() === "error" || m.type() === "warning") && /lora ?lab|loralab/i.test(m.text())) pageErrors.push(m.text());
+  });
+  const historyRequests = [];
+  page.on("request", (r) => {
+    if (r.url().includes("/api/loralab/runs/")) historyRequests.push({ t: Date.now(), url: r.url() });
+  });
+
+  await page.goto(BASE + "/");
+  await waitForApp(page);
+  log("app ready");
+
+  // ---- load the shipped UI example and shrink it through its widgets
+  const wf = JSON.parse(readFileSync(join(ROOT, "example_workflows", "train_then_generate_sd15.json"), "utf8"));
+  const setResult = await page.evaluate(async ({ wf, values }) => {
+    await app.loadGraphData(wf);
+    const missing = [];
+    for (const [id, widgets] of Object.entries(values)) {
+      const node = app.graph.getNodeById(Number(id));
+      if (!node) {
+        missing.push(`node ${id}`);
+        continue;
+      }
+      for (const [name, value] of Object.entries(widgets)) {
+        const w = node.widgets?.find((x) => x.name === name);
+        if (!w) {
+          missing.push(`${id}.${name}`);
+          continue;
+        }
+        w.value = value;
+        w.callback?.(value, app.canvas, node);
+      }
+    }
+    app.graph.setDirtyCanvas(true, true);
+    const train = app.graph.getNodeById(5);
+    return { missing, types: app.graph.nodes.map((n) => n.type), hasPanel: !!train?.__loralabPanel,
+      ckptOptions: app.graph.getNodeById(1)?.widgets?.[0]?.options?.values ?? null };
+  }, { wf, values: shrinkWorkflow(wf) });
+  check(setResult.missing.length === 0, `widgets not found: ${setResult.missing.join(", ")}`);
+  check(setResult.hasPanel, "the Train LoRA node has no live panel after loadGraphData");
+  check(Array.isArray(setResult.ckptOptions) && setResult.ckptOptions.includes(CKPT),
+    `checkpoint ${CKPT} not offered by the real combo: ${JSON.stringify(setResult.ckptOptions)}`);
+  await showTrainNode(page);
+  const idle = await panelInfo(page);
+  check(idle.phase === "idle" && idle.step === "waiting for a run", `panel before the run: ${idle.phase} / ${idle.step}`);
+
+  // ---- queue it the way the Run button does
+  const queued = await page.evaluate(async () => {
+    const errors = [];
+    const { api } = window.comfyAPI?.api ?? {};
+    api?.addEventListener("execution_error", (e) => errors.push(e.detail));
+    window.__loralabTestErrors = errors;
+    const ok = await app.queuePrompt(0, 1);
+    return { ok, lastNodeErrors: app.lastNodeErrors ?? null };
+  });
+  log("queued", JSON.stringify(queued));
+  check(queued.ok !== false && !queued.lastNodeErrors, `queueing failed: ${JSON.stringify(queued)}`);
+
+  // ---- live: a step > 0, a loss number and a memory line
+  const first = await waitPanel(page, "the first training step with loss and memory", (i) =>
+    i.phase === "training" && (stepOf(i.step)?.step ?? 0) > 0 && LOSS_RE.test(i.loss) && MEM_RE.test(i.memText || ""),
+  180000);
+  const s1 = stepOf(first.step);
+  log("live", first.phase, first.step, first.loss, first.memLabel, first.memText, first.memDetail);
+  check(s1.total === STEPS, `step text total: ${first.step}`);
+  check(/^(RAM \(process\)|VRAM .+|Memory.*)$/.test(first.memLabel || ""), `memory label: ${first.memLabel}`);
+  check(first.allocWidth > 0, `memory bar empty: ${first.allocWidth}%`);
+  check(first.visible && first.connected, "the panel is not visible on the canvas");
+  check(typeof first.runProp === "string" && first.runProp.startsWith(RUN_NAME), `run id in node.properties: ${first.runProp}`);
+  const run = first.state.run;
+
+  // ---- it updates: a later step, a curve with more points
+  const later = await waitPanel(page, `a step after ${s1.step}`, (i) =>
+    i.phase === "training" && (stepOf(i.step)?.step ?? 0) >= s1.step + 3 && i.state.steps.length >= 3 && i.inked > 500,
+  120000);
+  const s2 = stepOf(later.step);
+  log("later", later.step, later.loss, later.memText, `points=${later.state.steps.length}`, `inked=${later.inked}`);
+  check(LOSS_RE.test(later.loss) && MEM_RE.test(later.memText || ""), `later loss/memory: ${later.loss} / ${later.memText}`);
+  check(s2.step < STEPS, `the run got to ${s2.step}/${STEPS} before the reload: too short to reload mid-run`);
+  await page.screenshot({ path: join(ARTIFACTS, "frontend_live_running.png") });
+  summary.before = { firstStep: s1.step, laterStep: s2.step, loss: later.loss, mem: `${later.memLabel} ${later.memText}`,
+    points: later.state.steps.length, run };
+
+  // What the frontend persisted for the reload (sessionStorage per client id, localStorage as fallback).
+  const persisted = await page.evaluate((id) => {
+    const cid = window.comfyAPI?.api?.api?.clientId;
+    const raw = (cid && sessionStorage.getItem(`workflow:${cid}`)) || localStorage.getItem("workflow");
+    const node = raw ? JSON.parse(raw).nodes?.find((n) => n.id === id) : null;
+    return { clientId: cid, runProp: node?.properties?.loralab_run ?? null };
+  }, TRAIN_NODE);
+  summary.persistedBeforeReload = persisted;
+  log("persisted before reload", JSON.stringify(persisted));
+
+  // ---- reload mid-run
+  const beforeReload = Date.now();
+  await page.reload();
+  await waitForApp(page);
+  log("reloaded");
+  const restored = await page.evaluate((id) => {
+    const node = app.graph.getNodeById(id);
+    return { type: node?.type ?? null, nodes: app.graph.nodes.length, ckpt: app.graph.getNodeById(1)?.widgets?.[0]?.value };
+  }, TRAIN_NODE);
+  if (restored.type !== "LoraLab_TrainLoRA") {
+    // the frontend did not restore the workflow: load the same graph again (the run id then comes with the events)
+    log("workflow not restored after the reload; loading it again", JSON.stringify(restored));
+    await page.evaluate(async ({ wf, values }) => {
+      await app.loadGraphData(wf);
+      for (const [id, widgets] of Object.entries(values)) {
+        const node = app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(widgets)) {
+          const w = node?.widgets?.find((x) => x.name === name);
+          if (w) w.value = value;
+        }
+      }
+    }, { wf, values: shrinkWorkflow(wf) });
+  }
+  summary.restoredWorkflow = restored.type === "LoraLab_TrainLoRA" && restored.ckpt === CKPT;
+  check(summary.restoredWorkflow, `the frontend did not restore the shrunk workflow after the reload: ${JSON.stringify(restored)}`);
+  await showTrainNode(page);
+
+  // the whole curve is back: every step from 1 to the step seen before the reload (only the history route has those:
+  // the page's state started empty), the live step keeps moving, loss and memory are shown again
+  const back = await waitPanel(page, `the curve up to step ${s2.step} after the reload`, (i) => {
+    const st = i.state;
+    if (!st || st.historyRun !== run || st.run !== run) return false;
+    const have = new Set(st.steps);
+    for (let k = 1; k <= s2.step; k++) if (!have.has(k)) return false;
+    return (stepOf(i.step)?.step ?? 0) >= s2.step && LOSS_RE.test(i.loss) && MEM_RE.test(i.memText || "") && i.inked > 500;
+  }, 90000);
+  const s3 = stepOf(back.step);
+  log("after reload", back.phase, back.step, back.loss, back.memText, `points=${back.state.steps.length}`, `inked=${back.inked}`);
+  check(back.runProp === run, `node.properties.loralab_run after the reload: ${back.runProp} (expected ${run})`);
+  check(back.visible, "the panel is not visible after the reload");
+  // the points match the run's history on disk
+  const disk = await (await fetch(`${BASE}/api/loralab/runs/${encodeURIComponent(run)}/history`)).json();
+  const diskLoss = new Map(disk.history.steps.map((s, k) => [s, disk.history.loss[k]]));
+  let compared = 0;
+  const mismatched = [];
+  back.state.steps.forEach((s, k) => {
+    if (s > s2.step || !diskLoss.has(s)) return;
+    compared++;
+    if (Math.abs(diskLoss.get(s) - back.state.loss[k]) > 1e-6 * Math.max(1, Math.abs(diskLoss.get(s)))) mismatched.push(s);
+  });
+  check(compared === s2.step && mismatched.length === 0,
+    `curve vs history on disk: compared ${compared}/${s2.step}, mismatched steps ${mismatched.slice(0, 10)}`);
+  const historyAfterReload = historyRequests.filter((r) => r.t > beforeReload && r.url.includes(`/runs/${encodeURIComponent(run)}/history`));
+  check(historyAfterReload.length >= 1, "the history route was not requested after the reload");
+  await page.screenshot({ path: join(ARTIFACTS, "frontend_live_reloaded.png") });
+  summary.after = { step: s3.step, phase: back.phase, points: back.state.steps.length, comparedWithDisk: compared,
+    historyRequests: historyAfterReload.length, runProp: back.runProp };
+
+  // ---- and it keeps updating after the reload
+  const moving = await waitPanel(page, `a step after ${s3.step} (after the reload)`, (i) =>
+    (stepOf(i.step)?.step ?? 0) > s3.step || i.phase === "done", 60000);
+  log("still live", moving.phase, moving.step);
+
+  // ---- stop the run: POST /interrupt (the UI's Cancel), the panel says "stopped"
+  if (moving.phase === "training") {
+    await fetch(`${BASE}/api/interrupt`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+    const stopped = await waitPanel(page, "phase stopped", (i) => i.phase === "stopped", 120000);
+    log("stopped", stopped.phase, stopped.step, stopped.msg);
+    check(stopped.inked > 500 && (stopped.state?.steps.length ?? 0) >= s3.step, "the curve is gone after Stop");
+    summary.stopped = { step: stopped.step, msg: stopped.msg };
+  } else {
+    check(false, `the run finished before it could be stopped (steps=${STEPS} too few for this machine)`);
+  }
+  await page.screenshot({ path: join(ARTIFACTS, "frontend_live_stopped.png") });
+  const ours = pageErrors.filter((e) => /loralab|lora lab|extensions\/comfyui-lora-lab/i.test(e));
+  check(ours.length === 0, `errors from the extension: ${ours.join(" | ")}`);
+  summary.otherPageErrors = pageErrors.filter((e) => !ours.includes(e)).map((e) => e.split("\n")[0]);
+} catch (err) {
+  failures.push(`crash: ${err && err.stack ? err.stack : err}`);
+  try {
+    const pages = context?.pages() || [];
+    if (pages[0]) await pages[0].screenshot({ path: join(ARTIFACTS, "frontend_live_failure.png") });
+  } catch {}
+} finally {
+  await context?.close().catch(() => {});
+  rmSync(userDataDir, { recursive: true, force: true });
+}
+
+summary.seconds = Math.round((Date.now() - t0) / 1000);
+console.log("SUMMARY " + JSON.stringify(summary));
+if (failures.length) {
+  console.log("FAIL\n" + failures.map((f) => " - " + f).join("\n"));
+  process.exit(1);
+}
+console.log(`PASS: screenshots in ${ARTIFACTS}`);
+process.exit(0);
