@@ -9,7 +9,11 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import LoraLabExtension
+    from .nodes.routes import register_routes
 
+    # The live panel's HTTP routes must be in PromptServer.routes before the server starts. ComfyUI 0.3.x never calls
+    # ComfyExtension.on_load (newer versions do; register_routes is idempotent), so register them here as well.
+    register_routes()
     return LoraLabExtension()
 
 

@@ -8,7 +8,7 @@ blocks for the run only, and both are removed in `finally`.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ class ComfyHost:
         return {"te1": model.clip_l.transformer, "te2": model.clip_g.transformer}
 
     def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        from ..trainer.targets import text_encoder_targets, unet_targets
+        from ..trainer.targets import unet_targets
 
         ldm_to_diffusers = None
         if self.family == "sd15":  # kohya names SD1.5 modules by their diffusers paths
@@ -76,9 +76,6 @@ class ComfyHost:
                 "Configure LoRA: train_text_encoder is not available inside ComfyUI yet (ComfyUI's CLIP updates "
                 "tensors in place, which breaks gradients). Turn train_text_encoder off (UNet-only LoRAs are the "
                 "usual choice for SD1.5/SDXL), or train the text encoder headless with `python -m trainer train`")
-            prefixes = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-            for component, encoder in self.text_encoders().items():
-                targets += text_encoder_targets(encoder, prefixes[component])
         return targets
 
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -185,10 +186,11 @@ def register_routes(routes=None) -> bool:
     if into_comfy:
         if _registered:
             return False
-        try:
-            import server  # ComfyUI's server.py
-        except ImportError:
-            log.debug("LoRA Lab: ComfyUI server not importable; routes not registered")
+        # Only a running ComfyUI: main.py imports its server.py before loading custom nodes. Importing it from
+        # anywhere else (a test process with this repository on sys.path) would run ComfyUI's `import nodes`.
+        server = sys.modules.get("server")
+        if server is None:
+            log.debug("LoRA Lab: ComfyUI server not loaded; routes not registered")
             return False
         instance = getattr(getattr(server, "PromptServer", None), "instance", None)
         if instance is None:

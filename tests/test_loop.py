@@ -169,3 +169,17 @@ def test_out_of_memory_saves_a_resumable_state_and_explains(tiny_models, make_la
     resumed = train(DiffusersHost(tiny_models("sd15")), latents, config(steps=6), tmp_path / "run",
                     dataset_cfg=dataset_cfg, resume=True)
     assert resumed.step == 6 and len(resumed.losses) == 6
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_text_encoder_adapters_train_headless(tiny_models, make_latents, tmp_path, family):
+    host = DiffusersHost(tiny_models(family))
+    latents, dataset_cfg = make_latents(host, write_shape_dataset(tmp_path / "data", 2))
+    cfg = config(steps=2, network={"train_text_encoder": True}, optimizer={"text_encoder_lr": 1e-2})
+    before = {(i, k): v.clone() for i, e in enumerate(host.encoders) for k, v in e.state_dict().items()}
+    result = train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
+    prefix = "lora_te_" if family == "sd15" else "lora_te2_"
+    te = {k: v for k, v in result.network.kohya_state_dict().items() if k.startswith(prefix)}
+    assert te and any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in te.items())
+    after = {(i, k): v for i, e in enumerate(host.encoders) for k, v in e.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)

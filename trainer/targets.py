@@ -122,3 +122,11 @@ def _check_unique(targets: list[AdapterTarget]) -> list[AdapterTarget]:
     if dupes:
         raise ValueError(f"two modules map to the same LoRA name: {dupes[0]}")
     return targets
+
+
+def all_text_encoder_targets(encoders: dict) -> list[AdapterTarget]:
+    """Targets of every text encoder of a model, keyed by component ("te", or "te1"/"te2" for SDXL)."""
+    targets: list[AdapterTarget] = []
+    for component, encoder in encoders.items():
+        targets += text_encoder_targets(encoder, TE_PREFIXES[component], component=component)
+    return targets

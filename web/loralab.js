@@ -133,16 +133,30 @@ function onProgress(event) {
     if (key === null) return;
     const st = store.get(key);
     let shown = false;
+    let newRun = false;
     for (const panel of panels) {
       if (!nodeIdMatches(key, panel.node.id)) continue;
       shown = true;
       panel.node.properties = panel.node.properties || {};
+      if (panel.node.properties[PROP_RUN] !== st.run) newRun = true;
       panel.node.properties[PROP_RUN] = st.run;
       throttle.request(panel);
     }
+    if (newRun) persistWorkflow();
     if (shown) maybeFetchHistory(key);
   } catch (err) {
     warnOnce("handling a progress event failed", err);
+  }
+}
+
+// The frontend saves the open workflow for a page reload (localStorage / sessionStorage) only when its change tracker
+// notices a change, which it checks on user input (mouseup, keyup, queueing). A run id set from a websocket event
+// would be lost on a reload before the next click: ask the tracker to check now (once per new run).
+function persistWorkflow() {
+  try {
+    app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  } catch (err) {
+    warnOnce("saving the run id with the workflow failed", err);
   }
 }
 

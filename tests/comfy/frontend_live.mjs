@@ -230,16 +230,16 @@ try {
   check(idle.phase === "idle" && idle.step === "waiting for a run", `panel before the run: ${idle.phase} / ${idle.step}`);
 
   // ---- queue it the way the Run button does
+  // (its boolean result is not usable in frontend 1.27: `!lastNodeErrors` is false for an empty {})
   const queued = await page.evaluate(async () => {
-    const errors = [];
-    const { api } = window.comfyAPI?.api ?? {};
-    api?.addEventListener("execution_error", (e) => errors.push(e.detail));
-    window.__loralabTestErrors = errors;
-    const ok = await app.queuePrompt(0, 1);
-    return { ok, lastNodeErrors: app.lastNodeErrors ?? null };
+    await app.queuePrompt(0, 1);
+    const res = await (await fetch("/api/queue")).json();
+    return { nodeErrors: app.lastNodeErrors ?? null, queued: res.queue_running.length + res.queue_pending.length,
+      dialogs: [...document.querySelectorAll(".p-dialog")].map((d) => d.textContent.slice(0, 300)) };
   });
   log("queued", JSON.stringify(queued));
-  check(queued.ok !== false && !queued.lastNodeErrors, `queueing failed: ${JSON.stringify(queued)}`);
+  check(queued.queued === 1 && Object.keys(queued.nodeErrors || {}).length === 0 && queued.dialogs.length === 0,
+    `queueing failed: ${JSON.stringify(queued)}`);
 
   // ---- live: a step > 0, a loss number and a memory line
   const first = await waitPanel(page, "the first training step with loss and memory", (i) =>

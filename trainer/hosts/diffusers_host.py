@@ -66,13 +66,11 @@ class DiffusersHost:
         return dict(zip(names, self.encoders))
 
     def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        from ..targets import text_encoder_targets, unet_targets
+        from ..targets import all_text_encoder_targets, unet_targets
 
         targets = unet_targets(self.unet, self.family, preset, scheme="diffusers")
         if text_encoder:
-            prefixes = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-            for component, encoder in self.text_encoders().items():
-                targets += text_encoder_targets(encoder, prefixes[component])
+            targets += all_text_encoder_targets(self.text_encoders())
         return targets
 
     @contextlib.contextmanager
