@@ -69,7 +69,8 @@ class ConfigureLoRA(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
                                  "backward pass: much less memory, about 30% slower."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also train adapters on the text "
-                                 "encoder(s). Captions are then encoded every step (no text cache)."),
+                                 "encoder(s). Headless runs only for now: inside ComfyUI, Train LoRA refuses it with "
+                                 "the reason (ComfyUI's CLIP computes in place)."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=False,
                                tooltip="Keep an exponential moving average of the adapter weights (e.g. 0.999) and "
                                "save it as a second file. 0 disables."),
