@@ -180,7 +180,7 @@ const CSS = `
   background:var(--comfy-input-bg,#222);border:1px solid var(--border-color,#4e4e4e);container-type:inline-size}
 .loralab-row{display:flex;align-items:center;gap:8px;white-space:nowrap;min-height:16px;flex-shrink:0;line-height:1.45}
 .loralab-row>span{overflow:hidden;text-overflow:ellipsis;flex-shrink:1;min-width:0}
-.loralab-row>.loralab-phase,.loralab-row>.loralab-mem-label,.loralab-row>.loralab-btn{flex-shrink:0}
+.loralab-row>.loralab-phase,.loralab-row>.loralab-step,.loralab-row>.loralab-mem-label,.loralab-row>.loralab-btn{flex-shrink:0}
 .loralab-mem-label{font-weight:600}
 .loralab-mem-text{font-variant-numeric:tabular-nums}
 .loralab-phase{font-weight:600;padding:0 6px;border-radius:8px;font-size:10px;line-height:15px;
@@ -591,7 +591,9 @@ function attachPanel(node) {
 
 app.registerExtension({
   name: EXTENSION,
-  async setup() {
+  // `init` runs before the frontend opens its websocket; `setup` runs after it (and after the saved workflow loads),
+  // and progress sent in between would be dropped as an unknown message type.
+  async init() {
     api.addEventListener(EVENT_TYPE, onProgress);
   },
   async nodeCreated(node) {

@@ -25,9 +25,11 @@ const BASE = (process.env.LORALAB_COMFY_URL || "").replace(/\/$/, "");
 const DATASET = process.env.LORALAB_DATASET || "";
 const CKPT = process.env.LORALAB_CKPT || "";
 const RUN_NAME = process.env.LORALAB_RUN_NAME || "frontend_live";
-const STEPS = Number(process.env.LORALAB_STEPS || 60);
+// Far more steps than the test waits for: the run is stopped with POST /interrupt once the checks are done. (A tiny
+// SD1.5 trains at 1-10 it/s on a 2-core CPU, so ~60 steps can finish before the reloaded page is back.)
+const STEPS = Number(process.env.LORALAB_STEPS || 2000);
 const TRAIN_NODE = 5; // Train LoRA's id in the example workflow
-const EXT_URL = "/extensions/comfyui-lora-lab/loralab.js"; // harness.PACK_FOLDER_NAME; same URL = same module
+let EXT_URL = null; // our extension's module URL as the frontend imports it (same URL = same module instance)
 const t0 = Date.now();
 const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
 
@@ -68,14 +70,25 @@ async function waitForApp(page) {
   await page.waitForFunction(
     () => !!(window.app && window.app.graph && window.app.canvas && window.app.extensionManager?.workflow),
     null, { timeout: 120000, polling: 250 });
-  // our extension module is loaded by the frontend; importing the same URL gives the same module instance
-  await page.waitForFunction(async (url) => {
-    try {
-      return !!(await import(url)).__loralab;
-    } catch {
-      return false;
-    }
-  }, EXT_URL, { timeout: 60000, polling: 500 });
+  // our extension module, as the frontend loaded it: importing the same URL gives the same module instance
+  if (!EXT_URL) {
+    const exts = await page.evaluate(async () => (await fetch("/api/extensions")).json());
+    EXT_URL = exts.find((e) => e.endsWith("/loralab.js")) || null;
+    if (!EXT_URL) throw new Error(`loralab.js is not among the frontend's extensions: ${JSON.stringify(exts)}`);
+  }
+  const end = Date.now() + 60000;
+  for (;;) {
+    const ok = await page.evaluate(async (url) => {
+      try {
+        return !!(await import(url)).__loralab;
+      } catch {
+        return false;
+      }
+    }, EXT_URL);
+    if (ok) break;
+    if (Date.now() > end) throw new Error(`${EXT_URL} did not load`);
+    await page.waitForTimeout(500);
+  }
   for (let i = 0; i < 3; i++) {
     const open = await page.evaluate(() => document.querySelectorAll(".p-dialog-mask").length);
     if (!open) break;
@@ -113,6 +126,7 @@ async function panelInfo(page) {
       for (let i = 3; i < d.length; i += 4) if (d[i] > 0) inked++;
     }
     const r = root.getBoundingClientRect();
+    const stepEl = root.querySelector(".loralab-step");
     const st = __loralab.store.findFor(id);
     return {
       panel: true,
@@ -122,6 +136,7 @@ async function panelInfo(page) {
       memLabel: q(".loralab-mem-label"), memText: q(".loralab-mem-text"), memDetail: q(".loralab-mem-detail"),
       allocWidth: parseFloat(root.querySelector(".loralab-bar-alloc")?.style.width || "0"),
       msg: q(".loralab-msg"),
+      stepClipped: !!stepEl && stepEl.scrollWidth > stepEl.clientWidth + 1,
       inked,
       runProp: node.properties?.loralab_run ?? null,
       state: st ? { run: st.run, phase: st.phase, step: st.step, total: st.total, historyRun: st.historyRun,
@@ -144,6 +159,7 @@ async function waitPanel(page, what, pred, timeoutMs) {
   while (Date.now() < end) {
     info = await panelInfo(page);
     if (info.panel && pred(info)) return info;
+    if (process.env.LORALAB_DEBUG) log("poll", info.phase, info.step, JSON.stringify(info.state && { run: info.state.run, historyRun: info.state.historyRun, n: info.state.steps.length, first: info.state.steps.slice(0, 3), last: info.state.steps.slice(-2) }));
     await page.waitForTimeout(250);
   }
   const { state, ...shown } = info || {};
@@ -251,6 +267,7 @@ try {
   check(/^(RAM \(process\)|VRAM .+|Memory.*)$/.test(first.memLabel || ""), `memory label: ${first.memLabel}`);
   check(first.allocWidth > 0, `memory bar empty: ${first.allocWidth}%`);
   check(first.visible && first.connected, "the panel is not visible on the canvas");
+  check(!first.stepClipped, `the step text is cut off: ${first.step}`);
   check(typeof first.runProp === "string" && first.runProp.startsWith(RUN_NAME), `run id in node.properties: ${first.runProp}`);
   const run = first.state.run;
 
@@ -343,8 +360,13 @@ try {
   if (moving.phase === "training") {
     await fetch(`${BASE}/api/interrupt`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
     const stopped = await waitPanel(page, "phase stopped", (i) => i.phase === "stopped", 120000);
-    log("stopped", stopped.phase, stopped.step, stopped.msg);
-    check(stopped.inked > 500 && (stopped.state?.steps.length ?? 0) >= s3.step, "the curve is gone after Stop");
+    log("stopped", stopped.phase, stopped.step, stopped.msg, `points=${stopped.state?.steps.length}`);
+    // Live events are throttled (<= 4/s), so the complete curve comes from the history the panel re-reads when the
+    // run ends: every step up to the stopped one, drawn.
+    const stopStep = stepOf(stopped.step)?.step ?? 0;
+    const whole = await waitPanel(page, `the whole curve (${stopStep} points) after Stop`, (i) =>
+      i.phase === "stopped" && (i.state?.steps.length ?? 0) >= stopStep && i.inked > 500, 30000);
+    check(whole.state.steps.length >= s3.step, `the curve is gone after Stop: points=${whole.state.steps.length}`);
     summary.stopped = { step: stopped.step, msg: stopped.msg };
   } else {
     check(false, `the run finished before it could be stopped (steps=${STEPS} too few for this machine)`);
@@ -352,7 +374,7 @@ try {
   await page.screenshot({ path: join(ARTIFACTS, "frontend_live_stopped.png") });
   const ours = pageErrors.filter((e) => /loralab|lora lab|extensions\/comfyui-lora-lab/i.test(e));
   check(ours.length === 0, `errors from the extension: ${ours.join(" | ")}`);
-  summary.otherPageErrors = pageErrors.filter((e) => !ours.includes(e)).map((e) => e.split("\n")[0]);
+  summary.otherPageErrors = pageErrors.filter((e) => !ours.includes(e)).map((e) => e.split("\n").slice(0, 4).join(" / "));
 } catch (err) {
   failures.push(`crash: ${err && err.stack ? err.stack : err}`);
   try {

@@ -172,7 +172,7 @@ try {
 
     check(H.errors.length === 0, `${t} page errors: ${H.errors.join(" | ")}`);
     check(consoleErrors.length === 0, `${t} console errors: ${consoleErrors.join(" | ")} (404s: ${missing.join(", ")})`);
-    check(H.registered?.includes("loralab.progress"), `${t} listener not registered in setup()`);
+    check(H.registered?.includes("loralab.progress"), `${t} listener not registered in init()`);
     check(H.historyServed >= 2, `${t} live run history fetched ${H.historyServed} times (first event, after previews/saves, done)`);
     // node 5: the streamed run
     check(p5.panel, `${t} node 5 has no panel`);

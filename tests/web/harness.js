@@ -115,9 +115,10 @@ async function main() {
   await import("/extensions/loralab/loralab.js");
   const ext = app.extensions.find((e) => e.name === "loralab.livePanel");
   if (!ext) throw new Error("extension not registered");
+  // init registers the listener (before ComfyUI opens its websocket): the stub api, like ComfyUI's, drops
+  // unregistered types
   await ext.init?.(app);
-
-  await ext.setup(app); // registers the listener: the stub api, like ComfyUI's, drops unregistered types
+  await ext.setup?.(app);
 
   H.registered = [...api.registered];
 
