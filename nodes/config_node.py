@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from .types import CATEGORY, TrainConfig
+from .types import CATEGORY, Latents, TrainConfig
 
 OPTIMIZERS = ["adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"]
 SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
@@ -17,7 +17,8 @@ class ConfigureLoRA(io.ComfyNode):
             display_name="Configure LoRA (LoRA Lab)",
             category=f"{CATEGORY}/train",
             description="Adapter, optimizer, schedule, objective and precision settings for Train LoRA. "
-                        "A preset other than 'custom' overrides the settings it names (shown in the summary).",
+                        "A preset other than 'custom' overrides the settings it names (shown in the summary). "
+                        "Connect the MODEL and latents too to see the memory estimate here before training.",
             inputs=[
                 io.Combo.Input("preset", options=["custom", "character", "style", "low memory"], default="custom",
                                tooltip="character: rank 16, transformer blocks, cosine, min-SNR 5. style: rank 32 "
@@ -76,6 +77,12 @@ class ConfigureLoRA(io.ComfyNode):
                                "save it as a second file. 0 disables."),
                 io.Int.Input("clip_skip", default=1, min=1, max=12,
                              tooltip="Use the text encoder's n-th layer from the end (2 for many anime models)."),
+                io.Model.Input("model", optional=True, tooltip="Optional, for the memory estimate only: the MODEL "
+                               "you will train. With latents connected too, this node shows what training needs "
+                               "at batch sizes 1, 2, 4 and 8 against free memory, and what to change if it does "
+                               "not fit."),
+                Latents.Input("latents", optional=True, tooltip="Optional, for the memory estimate only: from "
+                              "Bucket & Cache Latents (the largest bucket sets the estimate)."),
             ],
             outputs=[TrainConfig.Output(display_name="config"), io.String.Output(display_name="summary")],
         )
@@ -84,7 +91,7 @@ class ConfigureLoRA(io.ComfyNode):
     def execute(cls, preset, rank, alpha, dropout, targets, conv_rank, optimizer, learning_rate, text_encoder_lr,
                 scheduler, warmup_steps, weight_decay, max_grad_norm, grad_accumulation, loss, timestep_sampling,
                 min_snr_gamma, noise_offset, mixed_precision, gradient_checkpointing, train_text_encoder,
-                ema_decay, clip_skip) -> io.NodeOutput:
+                ema_decay, clip_skip, model=None, latents=None) -> io.NodeOutput:
         from ..trainer.config import NetworkConfig, ObjectiveConfig, OptimizerConfig
         from ..trainer.config import TrainConfig as Config
         from ..trainer.presets import apply_preset, describe
@@ -104,4 +111,8 @@ class ConfigureLoRA(io.ComfyNode):
         )
         config = apply_preset(config, preset)
         summary = describe(config)
+        if model is not None or latents is not None:
+            from .estimate import configure_estimate_text
+
+            summary += "\n\n" + configure_estimate_text(model, latents, config)
         return io.NodeOutput(config, summary, ui=ui.PreviewText(summary))

@@ -132,10 +132,11 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     from ..trainer.host import TrainingInterrupted
     from ..trainer.lora_file import build_metadata, save_lora
     from ..trainer.loop import Hooks, train
-    from ..trainer.memory import check_fits, estimate_training_memory, measured_peak, oom_report
+    from ..trainer.memory import check_fits, measured_peak, oom_report
     from ..trainer.preflight import preflight, raise_problems
     from ..trainer.runlog import RunLog
     from ..trainer.state import latest_snapshot
+    from .estimate import estimate_for, keeps_text_encoder
     from .paths import runs_root
     from .preview_node import parse_prompts, training_preview
 
@@ -169,7 +170,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
 
     # Pre-flight: every input check at once, then the memory estimate (refuses to start when it cannot fit).
     # One training session (model loaded, autograd-ready weights) serves the estimate's trace and the run.
-    keep_te = cfg.network.train_text_encoder or latents.dataset_config.shuffle_captions
+    keep_te = keeps_text_encoder(cfg, latents)
     samples = latents.latents.samples
     warnings = raise_problems(preflight(
         host, cfg, None, latents.bucket_config, latent_channels_from_vae=samples[0].latent.shape[0],
@@ -179,8 +180,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
         mm.in_training = True
     try:
         with host.training_session(keep_te, cfg.network.train_text_encoder):
-            estimate = estimate_training_memory(host, cfg, sorted({s.bucket for s in samples}),
-                                                resident_encoders=keep_te)
+            estimate = estimate_for(host, cfg, latents, cfg.batch_size, keep_te)
             fit_note = check_fits(estimate, allow_over_memory)
             notes = [str(w) for w in warnings] + ([fit_note] if fit_note else [])
             hooks.oom_report = lambda step: oom_report(estimate, measured_peak(host), step)

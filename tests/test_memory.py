@@ -246,6 +246,24 @@ def test_verdicts_follow_free_memory(host, monkeypatch):
     assert tight.verdict == "tight" and "tight" in M.check_fits(tight)
 
 
+def test_batch_table_finds_the_largest_batch_that_fits(host, monkeypatch):
+    est = estimate(host, batch=1, batch_table=(1, 2, 4, 8))
+    totals = [est.by_batch[b][0] for b in (1, 2, 4, 8)]
+    assert totals[0] == est.total and totals == sorted(totals) and totals[3] > totals[0]
+    # the same trace: batch 4's table entry equals the estimate made at batch 4
+    assert est.by_batch[4][0] == pytest.approx(estimate(host, batch=4).total, rel=0.02)
+    # available memory between what batch 2 and batch 4 need: 2 is the largest that fits
+    need2, need4 = int(totals[1] * (1 + M.SAFETY_MARGIN)), int(totals[2] * (1 + M.SAFETY_MARGIN))
+    free = (need2 + need4) // 2 - est.resident
+    monkeypatch.setattr(M, "_cpu_available", lambda: free)
+    monkeypatch.setattr(host, "memory", lambda: _fake_memory(host, free), raising=False)
+    squeezed = estimate(host, batch=1, batch_table=(1, 2, 4, 8))
+    assert [squeezed.by_batch[b][1] != "does not fit" for b in (1, 2, 4, 8)] == [True, True, False, False]
+    assert squeezed.largest_fitting_batch == 2
+    assert "largest that fits: 2" in squeezed.to_text()
+    assert json.loads(json.dumps(squeezed.to_dict()))["by_batch"][2]["verdict"] == "does not fit"
+
+
 def test_oom_report_compares_estimate_and_peak(host):
     est = estimate(host, batch=2, suggest=True)
     text = M.oom_report(est, est.total // 2, step=7)

@@ -90,7 +90,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .activation_trace import (  # noqa: F401 - re-exported: part of this module's API
     _release_heap,
@@ -168,6 +168,13 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     activation_model: dict[str, Any] = field(default_factory=dict)  # per-type bytes per latent pixel, fit terms
     framework: int = 0  # the part of `total` that is not tensors (CUDA context / CPU process baseline / slack)
+    by_batch: dict[int, tuple[int, str]] = field(default_factory=dict)  # batch size -> (total, verdict)
+
+    @property
+    def largest_fitting_batch(self) -> Optional[int]:
+        """The largest batch size of ``by_batch`` that is not refused (None: none fits, or no table)."""
+        ok = [b for b, (_, verdict) in self.by_batch.items() if verdict != "does not fit"]
+        return max(ok) if ok else None
 
     @property
     def tensor_total(self) -> int:
@@ -188,6 +195,10 @@ class MemoryEstimate:
             lines.append(f"  for {s.get('largest_bucket', '?')} px, batch {s.get('batch_size')}, rank "
                          f"{s.get('rank')}, {s.get('optimizer')}, mixed precision {s.get('mixed_precision')}, "
                          f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}")
+        if self.by_batch:
+            table = ", ".join(f"{b}: {fmt_bytes(t)} ({v})" for b, (t, v) in sorted(self.by_batch.items()))
+            best = self.largest_fitting_batch
+            lines.append(f"  by batch size: {table}; largest that fits: {best if best else 'none'}")
         width = max((len(k) for k in self.breakdown), default=10)
         for label, value in self.breakdown.items():
             lines.append(f"  {label.ljust(width)}  {fmt_bytes(value):>10}")
@@ -209,6 +220,7 @@ class MemoryEstimate:
             "breakdown": [{"label": k, "bytes": int(v)} for k, v in self.breakdown.items()],
             "suggestions": [s.to_dict() for s in self.suggestions], "settings": dict(self.settings),
             "notes": list(self.notes), "activation_model": dict(self.activation_model),
+            "by_batch": [{"batch_size": b, "total": int(t), "verdict": v} for b, (t, v) in sorted(self.by_batch.items())],
         }
 
 
@@ -294,14 +306,15 @@ def _linear_conv_weights(module) -> int:
 
 def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] = None, *,
                              resident_encoders: bool, attention: str = "sdpa",
-                             suggest: bool = True) -> "MemoryEstimate":
+                             suggest: bool = True, batch_table: Sequence[int] = ()) -> "MemoryEstimate":
     """Estimate the peak memory of training ``cfg`` on ``host``'s loaded model at the largest of ``buckets``.
 
     ``buckets``: a :class:`~trainer.config.BucketConfig` (its buckets are generated), or the list of (width, height)
     buckets the cached latents actually use. ``batch_size`` defaults to ``cfg.batch_size``. ``resident_encoders``:
     the text encoders and VAE stay in device memory during training (else the host offloads them; they are always
     counted when the text encoder is trained). ``attention``: "sdpa" / "flash" / "xformers" trace the host's own
-    attention; "math" forces PyTorch's math SDPA kernel (keeps the tokens x tokens probabilities)."""
+    attention; "math" forces PyTorch's math SDPA kernel (keeps the tokens x tokens probabilities).
+    ``batch_table``: batch sizes to estimate as well (``MemoryEstimate.by_batch``), from the same trace."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention = {attention!r}; choose one of: {', '.join(ATTENTION_KINDS)}")
     batch = int(batch_size if batch_size is not None else cfg.batch_size)
@@ -315,6 +328,9 @@ def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] 
         base = ctx.estimate(plan)
         if suggest:
             base.suggestions = ctx.suggestions(plan, base)
+        for b in sorted({int(b) for b in batch_table if int(b) >= 1}):
+            est = base if b == plan.batch else ctx.estimate(replace(plan, batch=b))
+            base.by_batch[b] = (est.total, est.verdict)
     finally:
         if ctx.is_cpu:
             _release_heap()

@@ -179,3 +179,28 @@ def test_text_encoder_training_in_comfyui_is_refused_with_the_reason(pack, tiny_
     with pytest.raises(pack("trainer.host").TrainingError, match="train_text_encoder is not available inside ComfyUI"):
         pack("trainer.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
     assert_unchanged(model, before)
+
+
+def test_configure_lora_shows_the_memory_estimate_per_batch_size(pack, tiny_models, tmp_path):
+    """Configure LoRA with MODEL + latents connected: the breakdown, a verdict, a batch-size table and the largest
+    batch that fits, before any training; the MODEL is left as it was. Without them: the plain summary."""
+    model, clip, vae = tiny_models("sd15")
+    before = snapshot(model)
+    host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    value = pack("nodes.dataset_nodes").LatentsValue(latents, dataset_cfg, None, tmp_path / "cache", 2)
+    node = pack("nodes.config_node").ConfigureLoRA
+    settings = dict(preset="custom", rank=4, alpha=4.0, dropout=0.0, targets="transformer", conv_rank=0,
+                    optimizer="adamw", learning_rate=1e-4, text_encoder_lr=0.0, scheduler="constant",
+                    warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0, grad_accumulation=1, loss="mse",
+                    timestep_sampling="uniform", min_snr_gamma=5.0, noise_offset=0.0, mixed_precision="no",
+                    gradient_checkpointing=False, train_text_encoder=False, ema_decay=0.0, clip_skip=1)
+    plain = node.execute(**settings).result[1]
+    assert "Memory estimate" not in plain
+    summary = node.execute(**settings, model=model, latents=value).result[1]
+    assert summary.startswith(plain)
+    assert "Memory estimate (cpu)" in summary and "FITS" in summary and "model weights" in summary
+    assert "by batch size: 1: " in summary and "8: " in summary and "largest that fits: 8" in summary
+    assert_unchanged(model, before)
+    half = node.execute(**settings, model=model).result[1]
+    assert "connect latents as well" in half

@@ -1,0 +1,39 @@
+"""The memory estimate as both training nodes show it: Train LoRA (its exact batch) and Configure LoRA (a table of
+batch sizes, when a MODEL and latents are connected to it)."""
+from __future__ import annotations
+
+BATCH_TABLE = (1, 2, 4, 8)
+
+
+def estimate_for(host, cfg, latents, batch_size: int, keep_text_encoder: bool, batch_table=()):
+    """Estimate training ``cfg`` on ``host`` at the largest bucket the cached latents use. Call it inside
+    ``host.training_session()`` (the estimate traces the loaded model)."""
+    from ..trainer.memory import estimate_training_memory
+
+    buckets = sorted({s.bucket for s in latents.latents.samples})
+    return estimate_training_memory(host, cfg, buckets, batch_size=batch_size,
+                                    resident_encoders=keep_text_encoder, batch_table=batch_table)
+
+
+def keeps_text_encoder(cfg, latents) -> bool:
+    """The text encoder stays loaded during training when it is trained or when shuffled captions are encoded
+    per step."""
+    return bool(cfg.network.train_text_encoder or latents.dataset_config.shuffle_captions)
+
+
+def configure_estimate_text(model, latents, cfg, clip=None) -> str:
+    """Configure LoRA's estimate: what training ``cfg`` on this model and data needs, per batch size."""
+    from ..trainer.host import TrainingError
+    from .comfy_host import ComfyHost
+
+    if model is None or latents is None:
+        missing = "MODEL" if model is None else "latents"
+        return f"Memory estimate: connect {missing} as well to see it here (Train LoRA always checks before it starts)."
+    try:
+        host = ComfyHost(model.clone(), clip, None)
+        keep = keeps_text_encoder(cfg, latents)
+        with host.training_session(keep, cfg.network.train_text_encoder):
+            estimate = estimate_for(host, cfg, latents, 1, keep, BATCH_TABLE)
+    except TrainingError as e:
+        return f"Memory estimate: not available: {e}"
+    return (estimate.to_text() + "\n  (batch 1 above; Train LoRA re-checks at its own batch size before it starts)")
