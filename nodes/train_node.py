@@ -187,7 +187,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
             write_text(run_dir / "estimate.txt", "\n".join([estimate.to_text()] + notes) + "\n")
             with RunLog(run_dir) as runlog:
                 reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
-                                            total=cfg.steps)
+                                            total=cfg.steps, estimate=estimate.comparable_peak)
                 reporter.report("encoding", step=0, mem=host.memory, message="; ".join([estimate.summary()] + notes))
                 result = train(host, latents.latents, cfg, run_dir, dataset_cfg=latents.dataset_config,
                                text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,

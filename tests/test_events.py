@@ -126,7 +126,9 @@ def check_schema(p: dict) -> None:
         assert isinstance(p[k], t) and not isinstance(p[k], bool), (k, p[k])
     assert p["v"] == SCHEMA_VERSION
     assert p["phase"] in PHASES
-    assert set(p["mem"]) == {"device", "allocated", "reserved", "peak", "total"}
+    assert set(p["mem"]) - {"estimate"} == {"device", "allocated", "reserved", "peak", "total"}
+    if "estimate" in p["mem"]:
+        assert isinstance(p["mem"]["estimate"], int) and p["mem"]["estimate"] > 0
     assert isinstance(p["mem"]["device"], str)
     for k in ("allocated", "reserved", "peak", "total"):
         assert isinstance(p["mem"][k], int) and p["mem"][k] >= 0
@@ -234,6 +236,18 @@ def test_report_entry_point_accepts_memoryinfo():
         check_schema(p)
     with pytest.raises(ValueError):
         rep.report("bogus")
+
+
+def test_the_memory_estimate_rides_along_once_known():
+    rep, sent, clock = make()
+    rep.report("encoding", message="estimating")
+    rep.estimate = 3 * 2 ** 30
+    rep.report("training", step=1, loss=0.3, lr=1e-4)
+    rep.report("done", loss=0.3)
+    assert "estimate" not in sent[0]["mem"]
+    assert [p["mem"]["estimate"] for p in sent[1:]] == [3 * 2 ** 30] * 2
+    for p in sent:
+        check_schema(p)
 
 
 def test_memory_snapshot_on_cpu():

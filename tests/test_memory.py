@@ -264,6 +264,13 @@ def test_batch_table_finds_the_largest_batch_that_fits(host, monkeypatch):
     assert json.loads(json.dumps(squeezed.to_dict()))["by_batch"][2]["verdict"] == "does not fit"
 
 
+def test_the_figure_compared_with_the_peak_follows_the_device(host):
+    est = estimate(host)
+    assert est.comparable_peak == est.total  # CPU: the peak is the process's peak RSS
+    on_gpu = dataclasses.replace(est, device="cuda:0")
+    assert on_gpu.comparable_peak == on_gpu.tensor_total < on_gpu.total  # GPU: max_memory_allocated (tensors)
+
+
 def test_oom_report_compares_estimate_and_peak(host):
     est = estimate(host, batch=2, suggest=True)
     text = M.oom_report(est, est.total // 2, step=7)

@@ -14,7 +14,8 @@ Payload (``v`` = :data:`SCHEMA_VERSION`)::
   ``message``). ``loss``/``loss_ema``/``lr``/``it_per_s``/``eta_s`` are floats or ``None`` (JSON ``null``) when not
   known yet; non-finite values are sent as ``None`` (``NaN`` is not valid JSON for the browser).
 * ``mem`` values are bytes (ints). On the CPU: process RSS as allocated and reserved, peak RSS, machine RAM as total,
-  ``device: "cpu"``.
+  ``device: "cpu"``. Once the pre-flight estimate is made, ``mem.estimate`` (bytes, comparable with ``peak``: the
+  estimated tensor peak on a GPU, the estimated process peak on the CPU) is added, so the panel can mark it.
 * ``message`` is present when the engine has a line for the user (caching progress, the error text);
   ``preview`` is present in the event that announces a new preview image: a URL path of the previews route
   (:func:`preview_url`).
@@ -242,6 +243,7 @@ class ProgressReporter:
         memory: Optional[Callable[[], Any]] = None,
         ema_beta: float = EMA_BETA,
         rate_window: int = RATE_WINDOW,
+        estimate: Optional[int] = None,
     ):
         self._emit = emit
         self.node = "" if node is None else str(node)
@@ -251,6 +253,7 @@ class ProgressReporter:
         self._clock = clock
         self._device = device
         self._memory = memory
+        self.estimate = estimate  # bytes: the pre-flight estimate of the peak, sent as mem.estimate
         self.ema = LossEMA(ema_beta)
 
         self._phase: Optional[str] = None
@@ -458,6 +461,8 @@ class ProgressReporter:
             "eta_s": _finite(eta),
             "mem": self._mem(mem),
         }
+        if self.estimate is not None:
+            p["mem"]["estimate"] = int(self.estimate)
         if self._message is not None:
             p["message"] = str(self._message)
         if self._preview is not None:

@@ -181,6 +181,12 @@ class MemoryEstimate:
         """What torch allocates for tensors (compare with torch.cuda.max_memory_allocated)."""
         return self.total - self.framework
 
+    @property
+    def comparable_peak(self) -> int:
+        """The figure to compare with the host's reported peak: tensors on a GPU (max_memory_allocated), the whole
+        process on the CPU (peak RSS)."""
+        return self.tensor_total if self.device.startswith("cuda") else self.total
+
     def summary(self) -> str:
         return (f"needs about {fmt_bytes(self.total)} on {self.device}, {fmt_bytes(self.available)} available: "
                 f"{self.verdict}")
@@ -660,12 +666,14 @@ def oom_report(estimate: Optional[MemoryEstimate], measured_peak: Optional[int],
     if estimate is None:
         return (f"Out of memory at step {step} (peak {peak}); no memory estimate was made for this run. Lower the "
                 "batch size, resolution or rank, turn on gradient checkpointing, or use an 8-bit optimizer.")
+    expected = estimate.comparable_peak  # what the reported peak measures (tensors on a GPU, the process on a CPU)
     head = (f"Out of memory at step {step}: the estimate was {fmt_bytes(estimate.total)} "
-            f"({estimate.verdict}, {fmt_bytes(estimate.available)} available) and the peak reached {peak}.")
-    if measured_peak and measured_peak < estimate.total * 0.9:
+            f"({estimate.verdict}, {fmt_bytes(estimate.available)} available) and the peak reached {peak}"
+            + (f" (estimated {fmt_bytes(expected)} of tensors)." if expected != estimate.total else "."))
+    if measured_peak and measured_peak < expected * 0.9:
         why = (" The run failed below its estimate, so something else took memory (another model, a preview, "
                "another program); free it, or lower the settings.")
-    elif measured_peak and measured_peak > estimate.total * 1.15:
+    elif measured_peak and measured_peak > expected * 1.15:
         why = " The run used more than estimated; please report the settings with this message."
     else:
         why = ""

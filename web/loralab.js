@@ -180,7 +180,8 @@ const CSS = `
   background:var(--comfy-input-bg,#222);border:1px solid var(--border-color,#4e4e4e);container-type:inline-size}
 .loralab-row{display:flex;align-items:center;gap:8px;white-space:nowrap;min-height:16px;flex-shrink:0;line-height:1.45}
 .loralab-row>span{overflow:hidden;text-overflow:ellipsis;flex-shrink:1;min-width:0}
-.loralab-row>.loralab-phase,.loralab-row>.loralab-step,.loralab-row>.loralab-mem-label,.loralab-row>.loralab-btn{flex-shrink:0}
+.loralab-row>.loralab-phase,.loralab-row>.loralab-step,.loralab-row>.loralab-mem-label,.loralab-row>.loralab-mem-text,
+.loralab-row>.loralab-btn{flex-shrink:0}
 .loralab-mem-label{font-weight:600}
 .loralab-mem-text{font-variant-numeric:tabular-nums}
 .loralab-phase{font-weight:600;padding:0 6px;border-radius:8px;font-size:10px;line-height:15px;
@@ -204,6 +205,7 @@ const CSS = `
 .loralab-bar-res{background:color-mix(in srgb,#3f9b6e 45%,transparent)}
 .loralab-bar-alloc{background:#3f9b6e}
 .loralab-bar-peak{width:2px;background:#e0a030}
+.loralab-bar-est{width:2px;background:var(--fg-color,#ddd);opacity:.75}
 .loralab-panel[data-mem-high=true] .loralab-bar-alloc{background:#d9534f}
 .loralab-msg{color:var(--descrip-text,#999);white-space:nowrap;overflow:hidden;text-overflow:ellipsis;
   line-height:1.5;flex-shrink:0}
@@ -456,7 +458,9 @@ class Panel {
     this.barRes = el("div", "loralab-bar-res");
     this.barAlloc = el("div", "loralab-bar-alloc");
     this.barPeak = el("div", "loralab-bar-peak");
-    bar.append(this.barRes, this.barAlloc, this.barPeak);
+    this.barEst = el("div", "loralab-bar-est");
+    this.barEst.title = "pre-flight estimate of the peak";
+    bar.append(this.barRes, this.barAlloc, this.barPeak, this.barEst);
     mem.append(memRow, bar);
 
     this.msgEl = el("div", "loralab-msg");
@@ -516,11 +520,13 @@ class Panel {
     this.memLabel.textContent = mem.label;
     this.memText.textContent = mem.main;
     this.memDetail.textContent = mem.detail;
-    const f = mem.fractions || { allocated: 0, reserved: 0, peak: 0 };
+    const f = mem.fractions || { allocated: 0, reserved: 0, peak: 0, estimate: 0 };
     this.barRes.style.width = `${(f.reserved * 100).toFixed(2)}%`;
     this.barAlloc.style.width = `${(f.allocated * 100).toFixed(2)}%`;
     this.barPeak.style.left = `calc(${(f.peak * 100).toFixed(2)}% - 1px)`;
     this.barPeak.style.display = mem.fractions && f.peak > 0 ? "" : "none";
+    this.barEst.style.left = `calc(${(f.estimate * 100).toFixed(2)}% - 1px)`;
+    this.barEst.style.display = mem.fractions && f.estimate > 0 ? "" : "none";
     this.root.dataset.memHigh = String(f.reserved > 0.92 || f.allocated > 0.9);
     this.root.title = mem.kind === "none" ? "" : `${mem.label}: ${mem.text}`;
 

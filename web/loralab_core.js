@@ -162,13 +162,17 @@ export function describeMemory(mem) {
   const dev = String(mem.device || "");
   const cpu = dev === "cpu" || dev === "mps" || dev === "unknown" || dev === "";
   const f = (v) => (isNum(v) ? Math.max(0, Math.min(1, v / mem.total)) : 0);
-  const fractions = { allocated: f(mem.allocated), reserved: f(mem.reserved), peak: f(mem.peak) };
+  const fractions = { allocated: f(mem.allocated), reserved: f(mem.reserved), peak: f(mem.peak),
+    estimate: isNum(mem.estimate) && mem.estimate > 0 ? f(mem.estimate) : 0 };
   let unit = 0;
   while (unit < BYTE_UNITS.length - 1 && mem.total >= Math.pow(1024, unit + 1)) unit += 1;
   const u = BYTE_UNITS[unit];
   const x = (v) => formatBytesIn(v, unit);
   const main = `${x(mem.allocated)} / ${x(mem.total)} ${u}`;
-  const detail = cpu ? `peak ${x(mem.peak)}` : `reserved ${x(mem.reserved)} · peak ${x(mem.peak)}`;
+  // Most telling first (a narrow node cuts the end): the peak, the pre-flight estimate of it (same measure, once the
+  // run has made it), then what the allocator reserves.
+  const est = fractions.estimate > 0 ? ` · est ${x(mem.estimate)}` : "";
+  const detail = `peak ${x(mem.peak)}${est}` + (cpu ? "" : ` · reserved ${x(mem.reserved)}`);
   const label = cpu ? (dev === "mps" ? "Memory (mps)" : "RAM (process)") : `VRAM ${dev}`;
   return { kind: cpu ? "cpu" : "gpu", label, main, detail, text: `${main} · ${detail}`, fractions };
 }

@@ -266,6 +266,7 @@ try {
   check(s1.total === STEPS, `step text total: ${first.step}`);
   check(/^(RAM \(process\)|VRAM .+|Memory.*)$/.test(first.memLabel || ""), `memory label: ${first.memLabel}`);
   check(first.allocWidth > 0, `memory bar empty: ${first.allocWidth}%`);
+  check(/· est \d/.test(first.memDetail || ""), `the pre-flight estimate is not marked: ${first.memDetail}`);
   check(first.visible && first.connected, "the panel is not visible on the canvas");
   check(!first.stepClipped, `the step text is cut off: ${first.step}`);
   check(typeof first.runProp === "string" && first.runProp.startsWith(RUN_NAME), `run id in node.properties: ${first.runProp}`);

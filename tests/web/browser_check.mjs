@@ -109,6 +109,8 @@ async function panelInfo(page, id) {
       thumbs: [...panel.querySelectorAll(".loralab-thumbs img")].map((i) => i.getAttribute("src")),
       thumbsLoaded: [...panel.querySelectorAll(".loralab-thumbs img")].filter((i) => i.complete && i.naturalWidth > 0).length,
       allocWidth: panel.querySelector(".loralab-bar-alloc")?.style.width,
+      estLeft: panel.querySelector(".loralab-bar-est")?.style.left || "",
+      estShown: panel.querySelector(".loralab-bar-est")?.style.display !== "none",
       canvas: canvas ? { w: canvas.width, h: canvas.height, cssW: canvas.clientWidth, cssH: canvas.clientHeight, inked, colors } : null,
       logPressed: panel.querySelector(".loralab-btn")?.getAttribute("aria-pressed"),
       logVisible: (() => {
@@ -183,7 +185,8 @@ try {
     check(/^LR \d/.test(p5.lr), `${t} node 5 LR text: ${p5.lr}`);
     check(p5.memLabel === "VRAM cuda:0", `${t} node 5 memory label: ${p5.memLabel}`);
     check(/^\d+\.\d+ \/ 24\.0 GiB$/.test(p5.memText), `${t} node 5 memory text: ${p5.memText}`);
-    check(/^reserved 9\.00 · peak 10\.\d$/.test(p5.memDetail), `${t} node 5 memory detail: ${p5.memDetail}`);
+    check(/^peak 10\.\d · est 11\.0 · reserved 9\.00$/.test(p5.memDetail), `${t} node 5 memory detail: ${p5.memDetail}`);
+    check(p5.estLeft.startsWith("calc(45.83%") && p5.estShown, `${t} node 5 estimate mark: ${p5.estLeft} ${p5.estShown}`);
     check(parseFloat(p5.allocWidth) > 20 && parseFloat(p5.allocWidth) < 40, `${t} node 5 memory bar: ${p5.allocWidth}`);
     check(p5.thumbs.length === 2 && p5.thumbs.every((s) => s.startsWith("/api/loralab/runs/")) &&
       p5.thumbs[1].endsWith("step_000250.png"), `${t} node 5 thumbnails: ${JSON.stringify(p5.thumbs)}`);

@@ -116,7 +116,7 @@ test("byte formatting and memory description", () => {
   assert.equal(gpu.kind, "gpu");
   assert.equal(gpu.label, "VRAM cuda:0");
   assert.equal(gpu.main, "6.00 / 24.0 GiB");
-  assert.equal(gpu.detail, "reserved 8.00 · peak 12.0");
+  assert.equal(gpu.detail, "peak 12.0 · reserved 8.00");
   assert.equal(gpu.fractions.allocated, 0.25);
   assert.equal(gpu.fractions.peak, 0.5);
   const cpu = describeMemory({ device: "cpu", allocated: 2 ** 30, reserved: 2 ** 30, peak: 2 ** 31, total: 2 ** 35 });
@@ -125,6 +125,11 @@ test("byte formatting and memory description", () => {
   assert.equal(cpu.text, "1.00 / 32.0 GiB · peak 2.00");
   assert.equal(describeMemory({ device: "cpu", allocated: 300 * 2 ** 20, peak: 400 * 2 ** 20, total: 512 * 2 ** 20 }).main, "300 / 512 MiB");
   assert.equal(describeMemory(null).kind, "none");
+  // the pre-flight estimate, once sent, is marked and named; absent, nothing changes
+  const withEst = describeMemory({ device: "cuda:0", allocated: 6 * 2 ** 30, reserved: 8 * 2 ** 30, peak: 12 * 2 ** 30, total: 24 * 2 ** 30, estimate: 18 * 2 ** 30 });
+  assert.equal(withEst.fractions.estimate, 0.75);
+  assert.equal(withEst.detail, "peak 12.0 · est 18.0 · reserved 8.00");
+  assert.equal(gpu.fractions.estimate, 0);
 });
 
 test("payload validation rejects other versions and malformed events", () => {

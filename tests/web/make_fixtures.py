@@ -48,6 +48,7 @@ def record_events() -> list[dict]:
     for i in range(0, 41, 2):
         rep.phase("caching", message=f"caching latents {i}/40")
         t[0] += 0.1
+    rep.estimate = int(11.0 * GiB)  # Train LoRA's pre-flight estimate of the peak (mem.estimate from here on)
     rep.phase("encoding", message="encoding 12 captions")
     t[0] += 0.5
     lr = 1e-4
