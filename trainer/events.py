@@ -62,7 +62,7 @@ Payload = dict
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _finite(x: Any) -> Optional[float]:
+def finite_or_none(x: Any) -> Optional[float]:
     """float(x) when it is a finite number, else None (tensors are accepted: ``.item()`` is called)."""
     if x is None:
         return None
@@ -86,7 +86,7 @@ class LossEMA:
         self.count = 0
 
     def update(self, loss: Any) -> Optional[float]:
-        x = _finite(loss)
+        x = finite_or_none(loss)
         if x is not None:
             self.m = self.beta * self.m + (1.0 - self.beta) * x
             self.count += 1
@@ -328,10 +328,10 @@ class ProgressReporter:
         step = int(step)
         now = self._clock()
         self._step = step
-        self._loss = _finite(loss)
+        self._loss = finite_or_none(loss)
         self.ema.update(loss)
         if lr is not None:
-            self._lr = _finite(lr)
+            self._lr = finite_or_none(lr)
         self._window.append((now, step))
         if len(self._window) >= 2:
             (t0, s0), (t1, s1) = self._window[0], self._window[-1]
@@ -373,10 +373,10 @@ class ProgressReporter:
             return sent
         if step is not None:
             self._step = int(step)
-        if loss is not None and _finite(loss) != self._loss:
-            self._loss = _finite(loss)
+        if loss is not None and finite_or_none(loss) != self._loss:
+            self._loss = finite_or_none(loss)
         if lr is not None:
-            self._lr = _finite(lr)
+            self._lr = finite_or_none(lr)
         if mem is not None:
             self._pending_mem = mem
         if phase == "preview" and preview is not None:
@@ -457,8 +457,8 @@ class ProgressReporter:
             "loss": self._loss,
             "loss_ema": self.ema.value,
             "lr": self._lr,
-            "it_per_s": _finite(rate),
-            "eta_s": _finite(eta),
+            "it_per_s": finite_or_none(rate),
+            "eta_s": finite_or_none(eta),
             "mem": self._mem(mem),
         }
         if self.estimate is not None:

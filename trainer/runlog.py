@@ -23,7 +23,6 @@ always the one the resumed run really has.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -31,24 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import atomic
+from .events import finite_or_none
 
 HISTORY_FILE = "history.jsonl"
 LATEST_FILE = "latest.json"
 PREVIEWS_DIR = "previews"
 PLOT_FILE = "loss.png"
 MARKS = ("save", "preview", "resume")
-
-
-def _num(x: Any) -> Optional[float]:
-    if x is None:
-        return None
-    try:
-        if hasattr(x, "item"):
-            x = x.item()
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _dumps(obj: dict) -> str:
@@ -127,7 +115,7 @@ class RunLog:
     def log_step(self, step: int, loss: Any, lr: Any = None, time: Optional[float] = None) -> None:
         """Record one optimizer step (call it every step; writes are buffered)."""
         t = self._wallclock() if time is None else float(time)
-        self._append({"step": int(step), "loss": _num(loss), "lr": _num(lr), "time": round(t, 3)})
+        self._append({"step": int(step), "loss": finite_or_none(loss), "lr": finite_or_none(lr), "time": round(t, 3)})
 
     log = log_step  # alias
 
@@ -265,9 +253,9 @@ def read_history(run_dir: str | os.PathLike) -> dict:
         if steps and s <= steps[-1]:  # resumed without truncate_after: step s replaces the old step s onwards
             drop_after(s - 1)
         steps.append(s)
-        loss.append(_num(e.get("loss")))
-        lr.append(_num(e.get("lr")))
-        times.append(_num(e.get("time")))
+        loss.append(finite_or_none(e.get("loss")))
+        lr.append(finite_or_none(e.get("lr")))
+        times.append(finite_or_none(e.get("time")))
     return {"steps": steps, "loss": loss, "lr": lr, "time": times, "marks": marks}
 
 

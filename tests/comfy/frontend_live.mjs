@@ -8,19 +8,19 @@
 // POST /interrupt and checks the panel says "stopped".
 //
 // Input (environment): LORALAB_COMFY_URL, LORALAB_DATASET (absolute folder), LORALAB_CKPT (checkpoint file name in
-// models/checkpoints), LORALAB_RUN_NAME, LORALAB_STEPS (default 60), LORALAB_CHROMIUM (default /usr/bin/chromium),
+// models/checkpoints), LORALAB_RUN_NAME, LORALAB_STEPS (default 2000; the run is stopped), LORALAB_CHROMIUM (default /usr/bin/chromium),
 // LORALAB_ARTIFACTS (default <repo>/test-artifacts).
 // Output: screenshots frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png; a JSON
 // summary line "SUMMARY {...}". Exit codes: 0 pass, 1 fail, 77 a requirement is missing (the pytest wrapper skips).
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+
+import { launch, requireChromium } from "../web/chromium.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, "..", "..");
 const ARTIFACTS = process.env.LORALAB_ARTIFACTS || join(ROOT, "test-artifacts");
-const CHROMIUM = process.env.LORALAB_CHROMIUM || "/usr/bin/chromium";
 const BASE = (process.env.LORALAB_COMFY_URL || "").replace(/\/$/, "");
 const DATASET = process.env.LORALAB_DATASET || "";
 const CKPT = process.env.LORALAB_CKPT || "";
@@ -33,18 +33,7 @@ let EXT_URL = null; // our extension's module URL as the frontend imports it (sa
 const t0 = Date.now();
 const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
 
-function skip(reason) {
-  console.log(`SKIP: ${reason}`);
-  process.exit(77);
-}
-
-let chromium;
-try {
-  ({ chromium } = await import("playwright-core"));
-} catch {
-  skip("playwright-core is not installed (npm ci in the repository root)");
-}
-if (!existsSync(CHROMIUM)) skip(`no Chromium at ${CHROMIUM} (apt-get install -y chromium, or set LORALAB_CHROMIUM)`);
+const chromium = await requireChromium();
 if (!BASE || !DATASET || !CKPT) {
   console.log("FAIL: LORALAB_COMFY_URL, LORALAB_DATASET and LORALAB_CKPT are required");
   process.exit(1);
@@ -180,20 +169,13 @@ function shrinkWorkflow(wf) {
   };
 }
 
-const userDataDir = mkdtempSync(join(tmpdir(), "loralab-chromium-"));
 let context;
+let closeBrowser = async () => {};
 const summary = { steps: STEPS };
 const pageErrors = [];
 try {
   await prepareUserSettings();
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-      "--disable-component-update", "--no-first-run", "--disable-sync"],
-    viewport: { width: 1280, height: 800 },
-    deviceScaleFactor: 1,
-  });
+  ({ context, close: closeBrowser } = await launch(chromium, { width: 1280, height: 800 }));
   mkdirSync(ARTIFACTS, { recursive: true });
   const page = await context.newPage();
   // The frontend logs its own unrelated errors (404s for optional user files, a settings hook on a fresh user);
@@ -383,8 +365,7 @@ try {
     if (pages[0]) await pages[0].screenshot({ path: join(ARTIFACTS, "frontend_live_failure.png") });
   } catch {}
 } finally {
-  await context?.close().catch(() => {});
-  rmSync(userDataDir, { recursive: true, force: true });
+  await closeBrowser();
 }
 
 summary.seconds = Math.round((Date.now() - t0) / 1000);

@@ -5,30 +5,19 @@
 // event stream and checks what the Train LoRA nodes show, in the dark and the light theme. Screenshots:
 // test-artifacts/web_panel.png (dark) and test-artifacts/web_panel_light.png.
 // Exit codes: 0 pass, 1 fail, 77 a requirement is missing (the pytest wrapper skips).
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { createServer } from "node:http";
-import { tmpdir } from "node:os";
 import { dirname, extname, join, normalize, resolve, sep } from "node:path";
 import { fileURLToPath } from "node:url";
+
+import { launch, requireChromium } from "./chromium.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, "..", "..");
 const ARTIFACTS = join(ROOT, "test-artifacts");
-const CHROMIUM = process.env.LORALAB_CHROMIUM || "/usr/bin/chromium";
 const PREV_RUN = "lora_prev_20251231-090000";
 
-function skip(reason) {
-  console.log(`SKIP: ${reason}`);
-  process.exit(77);
-}
-
-let chromium;
-try {
-  ({ chromium } = await import("playwright-core"));
-} catch {
-  skip("playwright-core is not installed (npm install in the repository root)");
-}
-if (!existsSync(CHROMIUM)) skip(`no Chromium at ${CHROMIUM} (apt-get install -y chromium, or set LORALAB_CHROMIUM)`);
+const chromium = await requireChromium();
 
 // ------------------------------------------------------------------------------------------- static server
 const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json",
@@ -131,18 +120,11 @@ function formatNumberLikeCore(v) {
   return String(Number(v.toPrecision(4)));
 }
 
-const userDataDir = mkdtempSync(join(tmpdir(), "loralab-chromium-"));
 let context;
+let closeBrowser = async () => {};
 const summary = {};
 try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-      "--disable-component-update", "--no-first-run", "--disable-sync"],
-    viewport: { width: 1240, height: 560 },
-    deviceScaleFactor: 1,
-  });
+  ({ context, close: closeBrowser } = await launch(chromium, { width: 1240, height: 560 }));
   mkdirSync(ARTIFACTS, { recursive: true });
   mkdirSync(ARTIFACTS, { recursive: true });
   for (const theme of ["dark", "light"]) {
@@ -240,9 +222,8 @@ try {
 } catch (err) {
   failures.push(`crash: ${err && err.stack ? err.stack : err}`);
 } finally {
-  await context?.close().catch(() => {});
+  await closeBrowser();
   server.close();
-  rmSync(userDataDir, { recursive: true, force: true });
 }
 
 console.log(JSON.stringify(summary, null, 1));
