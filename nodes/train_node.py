@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from .types import CATEGORY, Latents, TrainConfig
 

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .config import BucketConfig, ConfigError, DatasetConfig, TrainConfig, _build
 

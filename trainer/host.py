@@ -16,8 +16,8 @@ Conventions shared by every host:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:  # keep `import trainer.host` free of torch for start-up cost
     import torch

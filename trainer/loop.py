@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional

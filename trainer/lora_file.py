@@ -12,11 +12,14 @@ import datetime as _dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from .atomic import write_with
 from .config import TrainConfig
 from .host import TrainingError
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
 FAMILIES = {

@@ -388,7 +388,7 @@ class ComfyServer:
         return paths
 
     def ws_client(self, client_id: Optional[str] = None, timeout: float = 10.0) -> "WSClient":
-        return WSClient(f"127.0.0.1", self.port, client_id or f"harness-{uuid.uuid4().hex}", timeout=timeout)
+        return WSClient("127.0.0.1", self.port, client_id or f"harness-{uuid.uuid4().hex}", timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------ websocket
