@@ -9,6 +9,13 @@ OPTIMIZERS = ["adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"]
 SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
 
+def _lora_files() -> list[str]:
+    """'none' and the LoRA files ComfyUI lists (models/loras and extra paths), as LoraLoader shows them."""
+    import folder_paths
+
+    return ["none"] + [f for f in folder_paths.get_filename_list("loras") if f.lower().endswith(".safetensors")]
+
+
 class ConfigureLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -77,6 +84,10 @@ class ConfigureLoRA(io.ComfyNode):
                                "save it as a second file. 0 disables."),
                 io.Int.Input("clip_skip", default=1, min=1, max=12,
                              tooltip="Use the text encoder's n-th layer from the end (2 for many anime models)."),
+                io.Combo.Input("continue_from", options=_lora_files(), default="none", optional=True,
+                               tooltip="Start from an existing LoRA in models/loras instead of from scratch (its "
+                               "rank and alpha are kept; targets and text-encoder setting must match it). 'none': "
+                               "a fresh LoRA."),
                 io.Model.Input("model", optional=True, tooltip="Optional, for the memory estimate only: the MODEL "
                                "you will train. With latents connected too, this node shows what training needs "
                                "at batch sizes 1, 2, 4 and 8 against free memory, and what to change if it does "
@@ -91,17 +102,25 @@ class ConfigureLoRA(io.ComfyNode):
     def execute(cls, preset, rank, alpha, dropout, targets, conv_rank, optimizer, learning_rate, text_encoder_lr,
                 scheduler, warmup_steps, weight_decay, max_grad_norm, grad_accumulation, loss, timestep_sampling,
                 min_snr_gamma, noise_offset, mixed_precision, gradient_checkpointing, train_text_encoder,
-                ema_decay, clip_skip, model=None, latents=None) -> io.NodeOutput:
+                ema_decay, clip_skip, continue_from="none", model=None, latents=None) -> io.NodeOutput:
         from ..trainer.config import NetworkConfig, ObjectiveConfig, OptimizerConfig
         from ..trainer.config import TrainConfig as Config
         from ..trainer.presets import apply_preset, describe
 
+        init_from = ""
+        if continue_from and continue_from != "none":
+            import folder_paths
+
+            init_from = folder_paths.get_full_path("loras", continue_from) or ""
+            if not init_from:
+                raise ValueError(f"Configure LoRA: continue_from '{continue_from}' is not in models/loras any more; "
+                                 "refresh the node list (press R) and pick another, or choose 'none'")
         config = Config(
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, ema_decay=ema_decay,
             clip_skip=clip_skip,
             network=NetworkConfig(rank=rank, alpha=alpha, dropout=dropout, preset=targets, conv_rank=conv_rank,
                                   conv_alpha=alpha if conv_rank == 0 else min(alpha, float(conv_rank)),
-                                  train_text_encoder=train_text_encoder),
+                                  train_text_encoder=train_text_encoder, init_from=init_from),
             optimizer=OptimizerConfig(name=optimizer, learning_rate=learning_rate,
                                       text_encoder_lr=text_encoder_lr or None, weight_decay=weight_decay,
                                       scheduler=scheduler, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,

@@ -25,6 +25,11 @@ def run_key(host, latents_value, config) -> str:
     digest.update(host.model_id.encode())
     digest.update(host.text_encoder_id.encode())
     digest.update(config.digest().encode())
+    init_from = Path(config.network.init_from) if config.network.init_from else None
+    if init_from is not None and init_from.is_file():  # the LoRA continued from: its content, not only its name
+        with open(init_from, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     digest.update(json.dumps(dataclasses.asdict(latents_value.dataset_config), sort_keys=True).encode())
     for s in latents_value.latents.samples:
         digest.update(f"{s.content_hash}|{s.bucket}|{s.crop_top_left}|{s.caption}|{s.repeats}|{s.resolution}".encode())

@@ -183,3 +183,29 @@ def test_text_encoder_adapters_train_headless(tiny_models, make_latents, tmp_pat
     assert te and any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in te.items())
     after = {(i, k): v for i, e in enumerate(host.encoders) for k, v in e.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_continues_from_an_existing_lora_file(tiny_models, make_latents, tmp_path):
+    """network.init_from: the run starts from the file's weights (and its rank, whatever the config says)."""
+    from trainer.lora_file import save_lora
+
+    folder = write_shape_dataset(tmp_path / "data", 4)
+    host = DiffusersHost(tiny_models("sd15"))
+    latents, dataset_cfg = make_latents(host, folder)
+    first = train(host, latents, config(steps=6), tmp_path / "first", dataset_cfg=dataset_cfg)
+    trained = first.network.kohya_state_dict(torch.float32)
+    save_lora(tmp_path / "first.safetensors", trained, {}, dtype="fp32")
+
+    # one step at a negligible learning rate: what comes out is what went in
+    frozen = {"learning_rate": 1e-12}
+    cont = train(host, latents, config(steps=1, optimizer=frozen, network={"rank": 4, "init_from": str(
+        tmp_path / "first.safetensors")}), tmp_path / "continued", dataset_cfg=dataset_cfg)
+    fresh = train(host, latents, config(steps=1, optimizer=frozen, network={"rank": 4}), tmp_path / "fresh",
+                  dataset_cfg=dataset_cfg)
+    got, new = cont.network.kohya_state_dict(torch.float32), fresh.network.kohya_state_dict(torch.float32)
+    assert got.keys() == trained.keys()
+    assert all(torch.allclose(got[k], trained[k], atol=1e-6) for k in trained)
+    ups = [k for k in trained if k.endswith("lora_up.weight")]
+    assert all(got[k].shape[1] == 8 and new[k].shape[1] == 4 for k in ups)  # the file's rank wins
+    # a fresh network starts with zero up-weights; the continued one with the trained ones
+    assert all(new[k].abs().max() < 1e-9 for k in ups) and all(got[k].abs().max() > 1e-4 for k in ups)

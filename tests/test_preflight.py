@@ -92,6 +92,14 @@ def test_learning_rate_must_be_finite_and_positive(host, tmp_path, lr):
     assert "finite number > 0" in p.message and "1e-4" in p.fix
 
 
+def test_lora_to_continue_from_must_exist(host, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    p = only(run(host, tmp_path, cfg=cfg_with(network={"init_from": str(missing)})), "network.init_from")
+    assert str(missing) in p.message and "continue_from" in p.fix
+    missing.write_bytes(b"x")  # existence is what is checked here; the loader reports a broken file
+    assert run(host, tmp_path, cfg=cfg_with(network={"init_from": str(missing)})) == []
+
+
 def test_text_encoder_lr(host, tmp_path):
     p = only(run(host, tmp_path, cfg=cfg_with(optimizer={"text_encoder_lr": 0.0})), "optimizer.text_encoder_lr")
     assert "> 0" in p.message and "learning_rate" in p.fix

@@ -9,7 +9,7 @@ adapter targets and to encode one empty caption.
 
 Checks (in this order): names of choices (optimizer, scheduler, loss, timestep sampling, mixed precision, network
 preset, output dtype, bucket crop), numbers (steps, batch size, gradient accumulation, saving, learning rates,
-ranks, alpha, dropout, objective values), mixed precision vs the device, buckets (step, resolutions, min/max),
+ranks, alpha, dropout, the LoRA to continue from, objective values), mixed precision vs the device, buckets (step, resolutions, min/max),
 the model (VAE latent channels, text-context width, text encoder presence, rank vs every target layer), the
 dataset folder, the output and cache folders (writable, free disk), and the resume folder (same model, same
 settings).
@@ -182,6 +182,10 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
                                     "set it equal to the rank (scale 1) or half of it"))
     if not _is_number(net.dropout) or not (0 <= net.dropout < 1):
         problems.append(Problem("network.dropout", f"{net.dropout!r} must be in [0, 1)", "use 0 (or 0.1)"))
+    if net.init_from and not Path(net.init_from).is_file():
+        problems.append(Problem("network.init_from", f"there is no LoRA file at '{net.init_from}'",
+                                "give the path of an existing .safetensors LoRA (in ComfyUI: pick one in Configure "
+                                "LoRA's continue_from list), or leave it empty to start from scratch"))
 
     # --- objective numbers (the objective module's own messages) ---
     try:

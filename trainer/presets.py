@@ -49,6 +49,8 @@ def describe(config: TrainConfig) -> str:
         f"precision: {config.mixed_precision}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
         + (f", EMA {config.ema_decay:g}" if config.ema_decay else ""),
     ]
+    if n.init_from:
+        lines.append(f"continues from: {n.init_from} (its rank and alpha are kept)")
     return "\n".join(lines)
 
 

@@ -181,6 +181,13 @@ def test_text_encoder_training_in_comfyui_is_refused_with_the_reason(pack, tiny_
     assert_unchanged(model, before)
 
 
+CONFIGURE_LORA = dict(preset="custom", rank=4, alpha=4.0, dropout=0.0, targets="transformer", conv_rank=0,
+                      optimizer="adamw", learning_rate=1e-4, text_encoder_lr=0.0, scheduler="constant",
+                      warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0, grad_accumulation=1, loss="mse",
+                      timestep_sampling="uniform", min_snr_gamma=5.0, noise_offset=0.0, mixed_precision="no",
+                      gradient_checkpointing=False, train_text_encoder=False, ema_decay=0.0, clip_skip=1)
+
+
 def test_configure_lora_shows_the_memory_estimate_per_batch_size(pack, tiny_models, tmp_path):
     """Configure LoRA with MODEL + latents connected: the breakdown, a verdict, a batch-size table and the largest
     batch that fits, before any training; the MODEL is left as it was. Without them: the plain summary."""
@@ -190,11 +197,7 @@ def test_configure_lora_shows_the_memory_estimate_per_batch_size(pack, tiny_mode
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
     value = pack("nodes.dataset_nodes").LatentsValue(latents, dataset_cfg, None, tmp_path / "cache", 2)
     node = pack("nodes.config_node").ConfigureLoRA
-    settings = dict(preset="custom", rank=4, alpha=4.0, dropout=0.0, targets="transformer", conv_rank=0,
-                    optimizer="adamw", learning_rate=1e-4, text_encoder_lr=0.0, scheduler="constant",
-                    warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0, grad_accumulation=1, loss="mse",
-                    timestep_sampling="uniform", min_snr_gamma=5.0, noise_offset=0.0, mixed_precision="no",
-                    gradient_checkpointing=False, train_text_encoder=False, ema_decay=0.0, clip_skip=1)
+    settings = dict(CONFIGURE_LORA)
     plain = node.execute(**settings).result[1]
     assert "Memory estimate" not in plain
     summary = node.execute(**settings, model=model, latents=value).result[1]
@@ -204,3 +207,40 @@ def test_configure_lora_shows_the_memory_estimate_per_batch_size(pack, tiny_mode
     assert_unchanged(model, before)
     half = node.execute(**settings, model=model).result[1]
     assert "connect latents as well" in half
+
+
+def test_configure_lora_continues_from_a_lora_in_models_loras(pack, tiny_models, tmp_path, monkeypatch):
+    """continue_from lists LoRAs as LoraLoader does; the picked file's weights start the run; the run key follows the
+    file's content (an overwritten file is not mistaken for the finished run)."""
+    import folder_paths
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(loras)], folder_paths.folder_names_and_paths["loras"][1]))
+    model, clip, vae = tiny_models("sd15")
+    host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
+    latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
+    train, save_lora = pack("trainer.loop").train, pack("trainer.lora_file").save_lora
+    first = train(host, latents, small_config(pack, steps=2), tmp_path / "first", dataset_cfg=dataset_cfg)
+    trained = first.network.kohya_state_dict(torch.float32)
+    save_lora(loras / "mine.safetensors", trained, {}, dtype="fp32")
+
+    node = pack("nodes.config_node").ConfigureLoRA
+    options = next(i for i in node.define_schema().inputs if i.id == "continue_from").options
+    assert options == ["none", "mine.safetensors"]
+    cfg, summary = node.execute(**CONFIGURE_LORA, continue_from="mine.safetensors").result
+    assert cfg.network.init_from == str(loras / "mine.safetensors") and "continues from" in summary
+    assert node.execute(**CONFIGURE_LORA).result[0].network.init_from == ""
+
+    cfg.optimizer.learning_rate = 1e-12  # one step that changes nothing: the run starts from the file
+    cfg.steps, cfg.batch_size = 1, 2
+    cont = train(host, latents, cfg, tmp_path / "continued", dataset_cfg=dataset_cfg)
+    got = cont.network.kohya_state_dict(torch.float32)
+    assert all(torch.allclose(got[k], trained[k], atol=1e-6) for k in trained)
+
+    value = pack("nodes.dataset_nodes").LatentsValue(latents, dataset_cfg, None, tmp_path / "cache", 2)
+    run_key = pack("nodes.train_node").run_key
+    key = run_key(host, value, cfg)
+    save_lora(loras / "mine.safetensors", {k: v * 2 for k, v in trained.items()}, {}, dtype="fp32")
+    assert run_key(host, value, cfg) != key
