@@ -2,8 +2,9 @@
 
 Training calls the diffusion model directly with per-sample conditioning (never through the sampler/guider,
 which would average captions over the batch) and trains on the model's own output parameterization.
-The input MODEL is never changed: adapters are forward hooks, gradient checkpointing wraps `forward` of a few
-blocks for the run only, and both are removed in `finally`.
+The input MODEL and CLIP are never changed: adapters are forward hooks, gradient checkpointing wraps `forward` of the
+UNet's layers and text-encoder training wraps `forward` of the CLIP's LayerNorms, for the run only; all are removed in
+`finally`.
 """
 from __future__ import annotations
 
@@ -70,12 +71,11 @@ class ComfyHost:
                                 for diff, ldm in mapping.items() if diff.endswith(".weight")}
         targets = unet_targets(self.unet, self.family, preset, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
         if text_encoder:
-            # ComfyUI's CLIP layers add their residuals in place (x += ...), which autograd cannot differentiate
-            # through; patching ComfyUI's forward would tie us to one ComfyUI version. Say so plainly instead.
-            raise TrainingError(
-                "Configure LoRA: train_text_encoder is not available inside ComfyUI yet (ComfyUI's CLIP updates "
-                "tensors in place, which breaks gradients). Turn train_text_encoder off (UNet-only LoRAs are the "
-                "usual choice for SD1.5/SDXL), or train the text encoder headless with `python -m trainer train`")
+            from ..trainer.targets import all_text_encoder_targets
+
+            if self.clip is None:
+                raise TrainingError("train_text_encoder is on but no CLIP is connected to Train LoRA")
+            targets += all_text_encoder_targets(self.text_encoders())
         return targets
 
     @contextlib.contextmanager
@@ -123,18 +123,22 @@ class ComfyHost:
         self._keep_text_encoder = keep_text_encoder and self.clip is not None
         self.mm.unload_all_models()
         self.reload()
-        modules = [self.unet] + (list(self.text_encoders().values()) if train_text_encoder else [])
+        encoders = list(self.text_encoders().values()) if train_text_encoder else []
         swapped = []
+        norms = []
         try:
             with torch.inference_mode(False):
-                for root in modules:
+                for root in [self.unet] + encoders:
                     for module in root.modules():
                         for name, param in list(module._parameters.items()):
                             if param is not None and param.is_inference():
                                 module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
                                 swapped.append((module, name, param))
+            norms = _norms_on_copies(encoders)
             yield
         finally:
+            for module in norms:
+                module.__dict__.pop("forward", None)  # the class's forward again
             for module, name, param in swapped:
                 module._parameters[name] = param
             self._session_active = False
@@ -218,6 +222,23 @@ class ComfyHost:
     def check_interrupt(self) -> None:
         if self.mm.processing_interrupted():
             raise TrainingInterrupted()
+
+
+def _norms_on_copies(encoders) -> list:
+    """ComfyUI's CLIP layers add their residuals in place (``x += attn(norm(x))``), which overwrites the tensor the
+    LayerNorm saved for the backward pass. Giving each LayerNorm a copy of its input (only while gradients are
+    recorded) keeps that tensor intact; the sums stay in place, so ComfyUI's code runs unchanged. Returns the
+    patched modules (their instance ``forward`` is removed to undo)."""
+    patched = []
+    for encoder in encoders:
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                def forward(x, *args, _original=module.forward, **kwargs):
+                    return _original(x.clone() if torch.is_grad_enabled() else x, *args, **kwargs)
+
+                module.forward = forward
+                patched.append(module)
+    return patched
 
 
 def _schedule_for(model_type, sampling):

@@ -77,8 +77,8 @@ class ConfigureLoRA(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
                                  "backward pass: much less memory, about 30% slower."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also train adapters on the text "
-                                 "encoder(s). Headless runs only for now: inside ComfyUI, Train LoRA refuses it with "
-                                 "the reason (ComfyUI's CLIP computes in place)."),
+                                 "encoder(s); Train LoRA's CLIP output and the saved file carry them. Usually off for "
+                                 "SD1.5/SDXL; lower text_encoder_lr when on."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=False,
                                tooltip="Keep an exponential moving average of the adapter weights (e.g. 0.999) and "
                                "save it as a second file. 0 disables."),

@@ -20,20 +20,33 @@ def pack(loralab_pack):
     return lambda name: importlib.import_module(f"loralab_pack.{name}")
 
 
+def module_snapshot(root):
+    return ({k: v.clone() for k, v in root.state_dict().items()},
+            [(n, type(m).__name__) for n, m in root.named_modules()])
+
+
+def assert_module_unchanged(root, before):
+    weights, tree = before
+    now = root.state_dict()
+    assert [(n, type(m).__name__) for n, m in root.named_modules()] == tree
+    changed = [k for k in weights if not _same_bits(weights[k], now[k])]
+    assert not changed, changed[:5]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+               for m in root.modules())
+
+
+def _same_bits(a, b) -> bool:
+    """Bit-identical (NaN-safe: weights ComfyUI leaves uninitialised may hold NaN bit patterns)."""
+    a, b = a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def snapshot(model):
-    unet = model.model.diffusion_model
-    return ({k: v.clone() for k, v in unet.state_dict().items()},
-            [(n, type(m).__name__) for n, m in unet.named_modules()])
+    return module_snapshot(model.model.diffusion_model)
 
 
 def assert_unchanged(model, before):
-    weights, tree = before
-    unet = model.model.diffusion_model
-    now = unet.state_dict()
-    assert [(n, type(m).__name__) for n, m in unet.named_modules()] == tree
-    assert all(torch.equal(weights[k], now[k]) and weights[k].dtype == now[k].dtype for k in weights)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
-               for m in unet.modules())
+    assert_module_unchanged(model.model.diffusion_model, before)
 
 
 def latents_for(pack, host, folder, tmp_path, **dataset_kwargs):
@@ -170,15 +183,45 @@ def test_node_list_loads_without_the_engine(loralab_pack):
     assert missing == []  # every input explains itself in the UI
 
 
-def test_text_encoder_training_in_comfyui_is_refused_with_the_reason(pack, tiny_models, tmp_path):
-    model, clip, vae = tiny_models("sd15")
-    before = snapshot(model)
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_text_encoder_adapters_train_in_comfyui(pack, tiny_models, tmp_path, comfy, kind):
+    """train_text_encoder inside ComfyUI: the text-encoder adapters learn (through ComfyUI's own CLIP code, whose
+    residual sums are in place), the base MODEL and CLIP come back bit-identical, and ComfyUI applying the LoRA's
+    text-encoder part gives the same conditioning as our adapters."""
+    model, clip, vae = tiny_models(kind)
+    before, clip_before = snapshot(model), module_snapshot(clip.cond_stage_model)
     host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
-    cfg = small_config(pack, steps=2, network={"rank": 4, "alpha": 4, "train_text_encoder": True})
-    with pytest.raises(pack("trainer.host").TrainingError, match="train_text_encoder is not available inside ComfyUI"):
-        pack("trainer.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
+    cfg = small_config(pack, steps=3, network={"rank": 4, "alpha": 4, "train_text_encoder": True})
+    result = pack("trainer.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    lora = result.network.kohya_state_dict(torch.float32)
+    te_ups = [k for k in lora if k.startswith("lora_te") and k.endswith("lora_up.weight")]
+    untrained = {k for k in te_ups if not lora[k].any()}
+    if kind == "sdxl":  # SDXL conditions on CLIP-L's penultimate layer: its last layer gets no gradient
+        last = len(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers) - 1
+        assert untrained == {k for k in te_ups if k.startswith(f"lora_te1_text_model_encoder_layers_{last}_")}
+    else:
+        assert not untrained  # every text-encoder adapter was trained
+    assert len(untrained) < len(te_ups)
+    assert {k.split("text_model")[0] for k in te_ups} == {"sd15": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}}[kind]
     assert_unchanged(model, before)
+    assert_module_unchanged(clip.cond_stage_model, clip_before)
+
+    caption = "a red square"
+    _, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    theirs, theirs_pooled = clip_lora.encode_from_tokens(clip_lora.tokenize(caption), return_pooled=True)
+    base, base_pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+    with result.network.attached():
+        ours = host.encode_text([caption])[0]
+    # ComfyUI merges the LoRA into the CLIP's fp16 weights; our adapters add in fp32: equal up to fp16 rounding,
+    # which is far below what the text-encoder part changes.
+    effect = (theirs.float() - base.float()).abs().max()
+    assert effect > 1e-3
+    assert (theirs[0].float() - ours["context"]).abs().max() < 0.02 * effect
+    if kind == "sdxl":
+        pooled_effect = (theirs_pooled.float() - base_pooled.float()).abs().max()
+        assert (theirs_pooled[0].float() - ours["pooled"]).abs().max() < 0.02 * pooled_effect
 
 
 CONFIGURE_LORA = dict(preset="custom", rank=4, alpha=4.0, dropout=0.0, targets="transformer", conv_rank=0,

@@ -1,7 +1,8 @@
 """The example workflows' API twins, run headless through a real ComfyUI server on the tiny checkpoints.
 
-Checks: train-then-generate works end to end (SD1.5, SDXL); the saved file loads in stock LoraLoader with no
-"lora key not loaded" and KSampler with it gives the same latent as KSampler with Train LoRA's MODEL output;
+Checks: train-then-generate works end to end (SD1.5, SDXL); the saved file (UNet and text-encoder adapters) loads in
+stock LoraLoader with no "lora key not loaded" and KSampler with it gives the same latent as KSampler with Train
+LoRA's MODEL and CLIP outputs;
 live progress events arrive for the node; Stop leaves a run folder from which queueing again finishes with the same
 adapters as an unstopped run; a finished run is reused instead of retrained.
 """
@@ -71,8 +72,10 @@ def test_example_workflow_trains_then_generates(comfy_server, comfy_ws, tiny_che
 
 
 def test_saved_lora_in_stock_loraloader_matches_the_in_graph_model(comfy_server, tiny_checkpoints, dataset):
+    # With text-encoder adapters too: stock LoraLoader applies both parts (strength_model and strength_clip).
     ckpt = tiny_checkpoints["sd15"].name
     trained = shrink(example("sd15"), ckpt, dataset, "interop", previews=False)
+    trained["4"]["inputs"].update(train_text_encoder=True)
     trained["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "latents/ours"}}
     comfy_server.run_prompt(trained, timeout=900)
     log_start = len(comfy_server.log_text())
@@ -90,6 +93,8 @@ def test_saved_lora_in_stock_loraloader_matches_the_in_graph_model(comfy_server,
 
     from safetensors.torch import load_file
 
+    saved = load_file(comfy_server.models_dir / "loras" / "loralab" / "interop.safetensors")
+    assert any(k.startswith("lora_te_") for k in saved) and any(k.startswith("lora_unet_") for k in saved)
     ours = load_file(next((comfy_server.output_dir / "latents").glob("ours_*.latent")))["latent_tensor"]
     stock = load_file(next((comfy_server.output_dir / "latents").glob("stock_*.latent")))["latent_tensor"]
     assert torch.equal(ours, stock)
