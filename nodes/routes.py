@@ -1,6 +1,7 @@
 """HTTP routes the live panel reads (ComfyUI-facing; ComfyUI's ``server`` is imported only in register_routes).
 
-    GET /loralab/runs/{run}/history          -> {"run", "history": read_history(run_dir), "latest": latest.json|null}
+    GET /loralab/runs/{run}/history          -> {"run", "history": read_history(run_dir), "latest": latest.json|null,
+                                                 "estimate": estimate.txt|null}
     GET /loralab/runs/{run}/previews/{name}  -> the preview image <run_dir>/previews/<name>
 
 ComfyUI also serves every route of ``PromptServer.instance.routes`` under ``/api`` (the browser uses
@@ -98,17 +99,17 @@ def run_dir(run: str, root: Optional[PathLike] = None) -> Path:
 # ------------------------------------------------------------------------------------- handlers over a root dir
 def _runlog_readers():
     try:  # inside ComfyUI the pack is a package: nodes/ and trainer/ are siblings
-        from ..trainer.runlog import read_history, read_latest
+        from ..trainer.runlog import read_estimate, read_history, read_latest
     except ImportError:  # tests / tools with the repository root on sys.path
-        from trainer.runlog import read_history, read_latest
-    return read_history, read_latest
+        from trainer.runlog import read_estimate, read_history, read_latest
+    return read_history, read_latest, read_estimate
 
 
 def history_payload(root: PathLike, run: str) -> dict:
     """What the history route returns (raises BadRequest / NotFound)."""
-    read_history, read_latest = _runlog_readers()
+    read_history, read_latest, read_estimate = _runlog_readers()
     d = run_dir(run, root)
-    return {"run": run, "history": read_history(d), "latest": read_latest(d)}
+    return {"run": run, "history": read_history(d), "latest": read_latest(d), "estimate": read_estimate(d)}
 
 
 def preview_file(root: PathLike, run: str, name: str) -> Path:

@@ -103,7 +103,7 @@ class TrainLoRA(io.ComfyNode):
 
         from ..trainer.lora_file import load_lora
         from ..trainer.plot import image_to_tensor, render_loss_plot
-        from ..trainer.runlog import read_history
+        from ..trainer.runlog import read_estimate, read_history
         from .comfy_host import ComfyHost
         from .paths import runs_root, sanitize_name
 
@@ -121,8 +121,9 @@ class TrainLoRA(io.ComfyNode):
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         plot = image_to_tensor(render_loss_plot(read_history(run_dir), title=run_dir.name))
         text = f"run: {run_dir}\nsteps: {len(losses)}" + (f"\nfinal loss: {losses[-1]:.4f}" if losses else "")
-        if (run_dir / "estimate.txt").is_file():
-            text += "\n" + (run_dir / "estimate.txt").read_text()
+        estimate = read_estimate(run_dir)
+        if estimate:
+            text += "\n" + estimate
         return io.NodeOutput(model_out, clip_out, lora, {"loss": list(losses)}, plot,
                              ui={"text": [text], "loralab_run": [run_dir.name]})
 
@@ -139,7 +140,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     from ..trainer.loop import Hooks, train
     from ..trainer.memory import check_fits, measured_peak, oom_report
     from ..trainer.preflight import preflight, raise_problems
-    from ..trainer.runlog import RunLog
+    from ..trainer.runlog import ESTIMATE_FILE, RunLog
     from ..trainer.state import latest_snapshot
     from .estimate import estimate_for, keeps_text_encoder
     from .paths import runs_root
@@ -189,7 +190,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
             fit_note = check_fits(estimate, allow_over_memory)
             notes = [str(w) for w in warnings] + ([fit_note] if fit_note else [])
             hooks.oom_report = lambda step: oom_report(estimate, measured_peak(host), step)
-            write_text(run_dir / "estimate.txt", "\n".join([estimate.to_text()] + notes) + "\n")
+            write_text(run_dir / ESTIMATE_FILE, "\n".join([estimate.to_text()] + notes) + "\n")
             with RunLog(run_dir) as runlog:
                 reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
                                             total=cfg.steps, estimate=estimate.comparable_peak)

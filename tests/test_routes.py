@@ -37,6 +37,7 @@ def runs(tmp_path):
             log.log_step(s, 1.0 / s, 1e-4)
         log.mark(10, "preview", "step_000010.png")
         log.write_latest({"v": 1, "node": "5", "run": "my_run-01", "phase": "done", "step": 20}, force=True)
+    (d / "estimate.txt").write_text("Memory estimate (cpu): 1.2 GiB of 20 GiB available -> FITS\n")
     (d / "previews").mkdir()
     (d / "previews" / "step_000010.png").write_bytes(PNG)
     (tmp_path / "secret.png").write_bytes(b"secret")
@@ -50,9 +51,10 @@ def test_history_payload(runs):
     assert data["history"] == read_history(runs / "my_run-01")
     assert data["history"]["steps"] == list(range(1, 21))
     assert data["latest"]["phase"] == "done"
-    # a run folder without files yet: empty history, no latest
+    assert data["estimate"].startswith("Memory estimate (cpu)")  # estimate.txt, for the panel's memory tooltip
+    # a run folder without files yet: empty history, no latest, no estimate
     empty = routes.history_payload(runs, "other")
-    assert empty["history"]["steps"] == [] and empty["latest"] is None
+    assert empty["history"]["steps"] == [] and empty["latest"] is None and empty["estimate"] is None
 
 
 @pytest.mark.parametrize("run", ["my lora-0123456789ab", "v1.5_test-abc", "a", "A" * 200, "v1..2-abc"])

@@ -84,7 +84,7 @@ def run(spec: HeadlessSpec, echo=print):
     from .memory import check_fits, estimate_training_memory, measured_peak, oom_report
     from .preflight import preflight, raise_problems
     from .plot import save_loss_plot
-    from .runlog import RunLog, read_history
+    from .runlog import ESTIMATE_FILE, RunLog, read_history
 
     torch.manual_seed(spec.train.seed)
     host = DiffusersHost(spec.model, device=spec.device)
@@ -108,6 +108,8 @@ def run(spec: HeadlessSpec, echo=print):
     config_record = {"model": spec.model, "dataset": dataclasses.asdict(spec.dataset),
                      "buckets": dataclasses.asdict(spec.buckets), "train": spec.train.to_dict()}
     write_text(spec.run_dir / "config.json", json.dumps(config_record, indent=1))
+    write_text(spec.run_dir / ESTIMATE_FILE, "\n".join([estimate.to_text()] + ([note] if note else [])) + "\n")
+
     def emit(payload: dict) -> None:
         if payload["phase"] == "training":
             echo(f"step {payload['step']}/{payload['total']}  loss {payload['loss']:.4f}  "

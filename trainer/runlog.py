@@ -36,6 +36,7 @@ HISTORY_FILE = "history.jsonl"
 LATEST_FILE = "latest.json"
 PREVIEWS_DIR = "previews"
 PLOT_FILE = "loss.png"
+ESTIMATE_FILE = "estimate.txt"  # the pre-flight memory estimate, as text (written by the training node)
 MARKS = ("save", "preview", "resume")
 
 
@@ -266,4 +267,13 @@ def read_latest(run_dir: str | os.PathLike) -> Optional[dict]:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def read_estimate(run_dir: str | os.PathLike, limit: int = 16384) -> Optional[str]:
+    """The run's pre-flight memory estimate text (at most ``limit`` characters), or None."""
+    try:
+        with open(Path(run_dir) / ESTIMATE_FILE, encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
+    except OSError:
         return None

@@ -462,6 +462,7 @@ class Panel {
     this.barEst.title = "pre-flight estimate of the peak";
     bar.append(this.barRes, this.barAlloc, this.barPeak, this.barEst);
     mem.append(memRow, bar);
+    this.memEl = mem;
 
     this.msgEl = el("div", "loralab-msg");
     this.thumbs = el("div", "loralab-thumbs");
@@ -529,6 +530,8 @@ class Panel {
     this.barEst.style.display = mem.fractions && f.estimate > 0 ? "" : "none";
     this.root.dataset.memHigh = String(f.reserved > 0.92 || f.allocated > 0.9);
     this.root.title = mem.kind === "none" ? "" : `${mem.label}: ${mem.text}`;
+    // hovering the memory rows shows the run's whole pre-flight estimate (breakdown, verdict, what to change)
+    this.memEl.title = st?.estimate || "";
 
     const msg = st?.message || "";
     this.msgEl.textContent = msg;

@@ -293,6 +293,7 @@ export function emptyState(node, run = null) {
     itPerS: null,
     etaS: null,
     mem: null,
+    estimate: null, // the run's pre-flight memory estimate (text of estimate.txt, from the history route)
     message: null,
     series: { steps: [], loss: [], ema: [] },
     marks: [],
@@ -376,8 +377,8 @@ export function applyPayload(state, p) {
 }
 
 /**
- * Merge the history route's answer: the exact curve from disk, then the live points that came after it.
- * Adopts the run when the state has none (page load). Returns the state (mutated).
+ * Merge the history route's answer: the exact curve from disk, then the live points that came after it, and the
+ * run's memory estimate. Adopts the run when the state has none (page load). Returns the state (mutated).
  */
 export function mergeHistory(state, resp, beta = EMA_BETA) {
   if (!resp || typeof resp !== "object" || !resp.history) return state;
@@ -432,6 +433,7 @@ export function mergeHistory(state, resp, beta = EMA_BETA) {
   if (isNum(lastHist) && state.total < state.step) state.total = 0; // unknown (no latest.json): "step N" only
   if (state.loss === null && loss.length) state.loss = loss[loss.length - 1];
   if (state.lossEma === null && ema.length) state.lossEma = ema[ema.length - 1];
+  if (typeof resp.estimate === "string" && resp.estimate) state.estimate = resp.estimate;
   state.historyRun = run;
   state.version += 1;
   return state;

@@ -126,6 +126,7 @@ async function panelInfo(page) {
       allocWidth: parseFloat(root.querySelector(".loralab-bar-alloc")?.style.width || "0"),
       msg: q(".loralab-msg"),
       stepClipped: !!stepEl && stepEl.scrollWidth > stepEl.clientWidth + 1,
+      memTitle: root.querySelector(".loralab-mem")?.title || "",
       inked,
       runProp: node.properties?.loralab_run ?? null,
       state: st ? { run: st.run, phase: st.phase, step: st.step, total: st.total, historyRun: st.historyRun,
@@ -314,6 +315,7 @@ try {
   }, 90000);
   const s3 = stepOf(back.step);
   log("after reload", back.phase, back.step, back.loss, back.memText, `points=${back.state.steps.length}`, `inked=${back.inked}`);
+  check(back.memTitle.startsWith("Memory estimate ("), `no estimate tooltip after the reload: ${back.memTitle.slice(0, 80)}`);
   check(back.runProp === run, `node.properties.loralab_run after the reload: ${back.runProp} (expected ${run})`);
   check(back.visible, "the panel is not visible after the reload");
   // the points match the run's history on disk

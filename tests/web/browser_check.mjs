@@ -99,6 +99,7 @@ async function panelInfo(page, id) {
       thumbsLoaded: [...panel.querySelectorAll(".loralab-thumbs img")].filter((i) => i.complete && i.naturalWidth > 0).length,
       allocWidth: panel.querySelector(".loralab-bar-alloc")?.style.width,
       estLeft: panel.querySelector(".loralab-bar-est")?.style.left || "",
+      memTitle: panel.querySelector(".loralab-mem")?.title || "",
       estShown: panel.querySelector(".loralab-bar-est")?.style.display !== "none",
       canvas: canvas ? { w: canvas.width, h: canvas.height, cssW: canvas.clientWidth, cssH: canvas.clientHeight, inked, colors } : null,
       logPressed: panel.querySelector(".loralab-btn")?.getAttribute("aria-pressed"),
@@ -188,6 +189,8 @@ try {
     // node 9: reloaded workflow -> whole curve from the history route
     check(p9.panel && p9.phase === "done" && p9.step === "step 120 / 120", `${t} node 9 (history) ${p9.phase} ${p9.step}`);
     check(p9.memLabel === "RAM (process)", `${t} node 9 memory label: ${p9.memLabel}`);
+    check(p9.memTitle.startsWith("Memory estimate (cpu): 4.0 GiB") && p9.memTitle.includes("To use less memory"),
+      `${t} node 9 memory tooltip (the run's estimate.txt): ${p9.memTitle}`);
     check(p9.thumbs.length === 2, `${t} node 9 thumbnails from history marks: ${JSON.stringify(p9.thumbs)}`);
     check(p9.canvas && p9.canvas.inked > 2000, `${t} node 9 canvas looks blank: ${JSON.stringify(p9.canvas)}`);
 

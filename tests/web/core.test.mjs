@@ -198,8 +198,10 @@ test("history merge: exact curve from disk, then the newer live points", () => {
     run: "run_a",
     history: { steps, loss, lr: steps.map(() => 1e-4), marks: [{ step: 25, mark: "preview", file: "previews/step_000025.png" }, { step: 40, mark: "save", file: "state/step_40" }] },
     latest: null,
+    estimate: "Memory estimate (cuda:0): 9.1 GiB of 24.0 GiB available -> FITS",
   });
   assert.deepEqual(st.series.steps, [...steps, 52]);
+  assert.ok(st.estimate.startsWith("Memory estimate (cuda:0)"));
   assert.deepEqual(st.series.ema.slice(0, 50), emaSeries(loss));
   assert.equal(st.series.loss[50], 0.19);
   assert.deepEqual(st.previews, [previewPath("run_a", "step_000025.png")]);
@@ -225,8 +227,9 @@ test("history merge on page load adopts the run and its last status", () => {
 test("history merge without latest.json: the curve only, total unknown", () => {
   const store = new ProgressStore();
   store.ensure("9", "old_run");
-  store.merge("9", { run: "old_run", history: { steps: [1, 2], loss: [0.5, 0.4], marks: [] }, latest: null });
+  store.merge("9", { run: "old_run", history: { steps: [1, 2], loss: [0.5, 0.4], marks: [] }, latest: null, estimate: null });
   const st = store.findFor(9);
+  assert.equal(st.estimate, null); // no estimate.txt (an older run): no tooltip
   assert.equal(st.phase, null);
   assert.equal(st.step, 2);
   assert.equal(st.total, 0);
