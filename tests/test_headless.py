@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -16,7 +17,7 @@ def model_folder(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("model") / "sd15", "sd15")
 
 
-def write_config(tmp_path, model, **train) -> "Path":  # noqa: F821
+def write_config(tmp_path, model, **train) -> Path:
     config = tmp_path / "lora.yaml"
     steps = train.pop("steps", 4)
     config.write_text(f"""
