@@ -2,6 +2,8 @@
 batch sizes, when a MODEL and latents are connected to it)."""
 from __future__ import annotations
 
+import dataclasses
+
 BATCH_TABLE = (1, 2, 4, 8)
 
 
@@ -29,6 +31,12 @@ def configure_estimate_text(model, latents, cfg, clip=None) -> str:
     if model is None or latents is None:
         missing = "MODEL" if model is None else "latents"
         return f"Memory estimate: connect {missing} as well to see it here (Train LoRA always checks before it starts)."
+    note = "(batch 1 above; Train LoRA re-checks at its own batch size before it starts)"
+    if cfg.network.train_text_encoder and clip is None:
+        # no CLIP here: estimate the UNet part and say what is left out
+        cfg = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, train_text_encoder=False))
+        note = ("(batch 1 above, without the text encoder, which this node cannot see; Train LoRA re-checks with "
+                "it and its own batch size before it starts)")
     try:
         host = ComfyHost(model.clone(), clip, None)
         keep = keeps_text_encoder(cfg, latents)
@@ -36,4 +44,4 @@ def configure_estimate_text(model, latents, cfg, clip=None) -> str:
             estimate = estimate_for(host, cfg, latents, 1, keep, BATCH_TABLE)
     except TrainingError as e:
         return f"Memory estimate: not available: {e}"
-    return (estimate.to_text() + "\n  (batch 1 above; Train LoRA re-checks at its own batch size before it starts)")
+    return estimate.to_text() + "\n  " + note

@@ -250,6 +250,8 @@ def test_configure_lora_shows_the_memory_estimate_per_batch_size(pack, tiny_mode
     assert_unchanged(model, before)
     half = node.execute(**settings, model=model).result[1]
     assert "connect latents as well" in half
+    with_te = node.execute(**{**settings, "train_text_encoder": True}, model=model, latents=value).result[1]
+    assert "Memory estimate (cpu)" in with_te and "without the text encoder" in with_te
 
 
 def test_configure_lora_continues_from_a_lora_in_models_loras(pack, tiny_models, tmp_path, monkeypatch):
