@@ -70,43 +70,18 @@ def raise_problems(problems: Sequence[Problem]) -> list[Problem]:
 
 # ============================================================================================== choice lists
 def _choices() -> dict[str, tuple[str, ...]]:
-    """The valid names, from the modules that implement them (with fallbacks while those are missing)."""
-    out: dict[str, tuple[str, ...]] = {
-        "optimizer.name": ("adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"),
-        "optimizer.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
-                                "polynomial"),
-        "objective.loss": ("mse", "huber", "l1"),
-        "objective.timestep_sampling": ("uniform", "logit_normal", "shifted"),
-        "network.preset": ("attention", "transformer", "full"),
+    """The valid names, from the modules that implement them."""
+    from .objectives import LOSSES
+    from .optim import OPTIMIZERS, SCHEDULERS
+    from .schedules import TIMESTEP_SAMPLINGS
+    from .targets import PRESETS
+
+    return {
+        "optimizer.name": tuple(OPTIMIZERS), "optimizer.scheduler": tuple(SCHEDULERS),
+        "objective.loss": tuple(LOSSES), "objective.timestep_sampling": tuple(TIMESTEP_SAMPLINGS),
+        "network.preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS, "output_dtype": OUTPUT_DTYPES,
+        "buckets.crop": CROPS,
     }
-    try:
-        from .optim import OPTIMIZERS, SCHEDULERS
-
-        out["optimizer.name"], out["optimizer.scheduler"] = tuple(OPTIMIZERS), tuple(SCHEDULERS)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from .objectives import LOSSES
-
-        out["objective.loss"] = tuple(LOSSES)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from .schedules import TIMESTEP_SAMPLINGS
-
-        out["objective.timestep_sampling"] = tuple(TIMESTEP_SAMPLINGS)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from .targets import PRESETS
-
-        out["network.preset"] = tuple(PRESETS)
-    except Exception:  # noqa: BLE001
-        pass
-    out["mixed_precision"] = MIXED_PRECISIONS
-    out["output_dtype"] = OUTPUT_DTYPES
-    out["buckets.crop"] = CROPS
-    return out
 
 
 def _is_number(x: Any) -> bool:

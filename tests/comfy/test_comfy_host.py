@@ -181,6 +181,9 @@ def test_node_list_loads_without_the_engine(loralab_pack):
     assert loaded <= {"loralab_pack.trainer"}  # engine modules load inside node execution only
     missing = [(n.define_schema().node_id, i.id) for n in nodes for i in n.define_schema().inputs if not i.tooltip]
     assert missing == []  # every input explains itself in the UI
+    # the node's own copies of the choices (kept so the node list never loads the engine) match the engine's
+    config_node, optim = (importlib.import_module(f"loralab_pack.{m}") for m in ("nodes.config_node", "trainer.optim"))
+    assert (config_node.OPTIMIZERS, config_node.SCHEDULERS) == (list(optim.OPTIMIZERS), list(optim.SCHEDULERS))
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
