@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds trainer/
 
 from tests.messy import photo_like, tiny_vae_encoder  # noqa: E402
-from trainer.cache import prepare_latents  # noqa: E402
 from trainer.config import BucketConfig, DatasetConfig  # noqa: E402
-from trainer.dataset import scan_dataset  # noqa: E402
+from trainer.data.cache import prepare_latents  # noqa: E402
+from trainer.data.dataset import scan_dataset  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:

@@ -3,7 +3,7 @@
 All sides train rank-8 LoRAs on the same tiny SD1.5 checkpoint (ComfyUI's own loader, CPU, fp32), the same cached
 latents of 8 real 128 px PNG images (one bucket, latents 4x16x16), batch 1, AdamW, lr 5e-4:
 
-* ours      `trainer.loop.train` through `ComfyHost`, wired as the Train LoRA node wires it (RunLog, progress
+* ours      `trainer.training.loop.train` through `ComfyHost`, wired as the Train LoRA node wires it (RunLog, progress
             reporter, interrupt check + ComfyUI ProgressBar in on_step), gradient_checkpointing=True, under
             `torch.inference_mode()` like every ComfyUI node. Preset "full" (Linear, 1x1 and 3x3 convs of the
             attention, resnet and up/down blocks) is the fair side: the built-in adapts every layer with a weight.
@@ -90,9 +90,8 @@ def pack(name: str):
 
 class Bench:
     def __init__(self, comfyui: Path, tmp: Path):
-        import torch
-
         import harness
+        import torch
 
         cache = Path(os.environ.get("LORALAB_TINY_CKPT_DIR")
                      or ROOT / ".pytest_cache" / "d" / "loralab-tiny-checkpoints")  # shared with the test suite
@@ -119,8 +118,8 @@ class Bench:
         buckets = config.BucketConfig(resolutions=[RESOLUTION], min_bucket=RESOLUTION // 2,
                                       max_bucket=RESOLUTION * 2, step=64)
         with torch.inference_mode():  # as the Bucket & Cache Latents node runs
-            dataset = pack("trainer.dataset").scan_dataset(self.dataset_cfg)
-            self.latents = pack("trainer.cache").prepare_latents(dataset, buckets, self.host.encode_images,
+            dataset = pack("trainer.data.dataset").scan_dataset(self.dataset_cfg)
+            self.latents = pack("trainer.data.cache").prepare_latents(dataset, buckets, self.host.encode_images,
                                                                  self.host.image_encoder_id, tmp / "cache")
             shapes = {tuple(s.latent.shape) for s in self.latents.samples}
             assert len(self.latents.samples) == IMAGES and len(shapes) == 1, shapes
@@ -164,12 +163,11 @@ class Bench:
             "optimizer": {"name": "adamw", "learning_rate": LR, "scheduler": "constant"}})
 
     def ours(self, preset: str, steps: int = WARMUP + TIMED):
+        import comfy.utils
         import torch
 
-        import comfy.utils
-
-        events, runlog_mod = pack("trainer.events"), pack("trainer.runlog")
-        loop = pack("trainer.loop")
+        events, runlog_mod = pack("trainer.monitor.events"), pack("trainer.monitor.runlog")
+        loop = pack("trainer.training.loop")
         self.check_untouched(f"before ours/{preset}")
         self.runs += 1
         run_dir = self.tmp / f"run{self.runs:02d}-{preset}"
@@ -196,9 +194,8 @@ class Bench:
     def builtin(self, steps: int = WARMUP + TIMED) -> tuple[float, float]:
         """(seconds per step from per-step timestamps, wall seconds of the whole node call)."""
         import torch
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
         from comfy_extras.nodes_train import TrainLoraNode
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
         stamps = []
         handle = register_optimizer_step_post_hook(
@@ -221,7 +218,7 @@ class Bench:
     def floor(self, steps: int = WARMUP + TIMED, checkpointing: bool = False):
         import torch
 
-        network_mod = pack("trainer.network")
+        network_mod = pack("trainer.adapters.network")
         self.check_untouched("before floor")
         host = self.host
         cfg = self.config("full", steps)

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from PIL import Image  # noqa: E402
 
 from tests.messy import photo_like  # noqa: E402
-from trainer.buckets import Bucketer  # noqa: E402
-from trainer.cache import training_image  # noqa: E402
 from trainer.config import BucketConfig, DatasetConfig  # noqa: E402
-from trainer.dataset import scan_dataset  # noqa: E402
+from trainer.data.buckets import Bucketer  # noqa: E402
+from trainer.data.cache import training_image  # noqa: E402
+from trainer.data.dataset import scan_dataset  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:

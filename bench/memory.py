@@ -4,8 +4,8 @@ Each configuration runs in its own subprocess so its peak is its own: the child 
 UNet2DConditionModel of 81 M parameters at random (SD1.5 layout at 0.3x width: blocks 96/192/384/384, two layers
 per block, cross-attention; big enough that weights, adapters, optimizer state and activations all matter against
 the ~0.4 GiB interpreter baseline), puts it in a DiffusersHost (the tiny text encoder and VAE of
-trainer/hosts/tiny.py; latents are synthetic), asks ``trainer.memory.estimate_training_memory`` for the estimate,
-then trains a few steps with the real engine step -- ``trainer.loop.train`` (LoRANetwork hooks, build_optimizer,
+trainer/demo/tiny_models.py; latents are synthetic), asks ``trainer.preflight.memory.estimate_training_memory`` for the estimate,
+then trains a few steps with the real engine step -- ``trainer.training.loop.train`` (LoRANetwork hooks, build_optimizer,
 autocast, checkpointing, the loss, clipping, the scheduler, the final state snapshot) -- and reports its peak:
 
 * CPU: peak resident set size of the process (``ru_maxrss``) against ``estimate.total`` (which includes the process
@@ -62,11 +62,11 @@ def child(spec: dict) -> dict:
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
-    from trainer.cache import LatentSample, LatentSet
     from trainer.config import TrainConfig
+    from trainer.data.cache import LatentSample, LatentSet
     from trainer.hosts.diffusers_host import DiffusersHost
-    from trainer.loop import train
-    from trainer.memory import estimate_training_memory
+    from trainer.preflight.memory import estimate_training_memory
+    from trainer.training.loop import train
 
     device = spec["device"]
     host = DiffusersHost(spec["model"], device=device)
@@ -167,7 +167,7 @@ def gib(n: int) -> str:
 def header(device: str, calibrate: bool) -> None:
     counter = "peak RSS" if device == "cpu" else "max_memory_allocated"
     print(f"\n### {device.upper()}: estimate vs measured {counter} (UNet {UNET_PARAMS} params, {STEPS} steps of "
-          f"trainer.loop.train, one fresh process per row)\n")
+          f"trainer.training.loop.train, one fresh process per row)\n")
     head = "| config | estimated | measured | error % | activations | estimator's own peak | estimate s | train s |"
     if calibrate:
         head += " slack: estimated / implied MiB |"
@@ -209,7 +209,7 @@ def main() -> None:
         return
     import torch
 
-    from trainer.hosts.tiny import build_tiny_pipeline
+    from trainer.demo.tiny_models import build_tiny_pipeline
 
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:

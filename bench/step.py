@@ -1,6 +1,6 @@
 """Our full training step vs the bare floor, measured in the same run.
 
-Ours: `trainer.loop.train` — batch sampling, caption handling, text lookup, timestep/noise sampling, forward,
+Ours: `trainer.training.loop.train` — batch sampling, caption handling, text lookup, timestep/noise sampling, forward,
 loss, backward, gradient clipping, AdamW, LR schedule, RNG bookkeeping, run log and progress events.
 Floor: plain forward + backward + AdamW on the same model with the same adapters and the same batch shapes.
 Both run a few times, alternating, and the median seconds per step is compared.
@@ -25,13 +25,13 @@ STEPS, WARMUP, ROUNDS, BATCH, RESOLUTION = 14, 4, 3, 2, 256
 def build(tmp: Path):
     import torch
     from diffusers import UNet2DConditionModel
-
     from shapes import write_shape_dataset
-    from trainer.cache import prepare_latents
+
     from trainer.config import BucketConfig, DatasetConfig
-    from trainer.dataset import scan_dataset
+    from trainer.data.cache import prepare_latents
+    from trainer.data.dataset import scan_dataset
+    from trainer.demo.tiny_models import build_tiny_pipeline
     from trainer.hosts.diffusers_host import DiffusersHost
-    from trainer.hosts.tiny import build_tiny_pipeline
 
     host = DiffusersHost(build_tiny_pipeline(tmp / "model", "sd15"))
     torch.manual_seed(0)
@@ -58,9 +58,9 @@ def config():
 
 
 def time_ours(host, latents, dataset_cfg, tmp: Path, round_index: int) -> float:
-    from trainer.events import ProgressReporter
-    from trainer.loop import Hooks, train
-    from trainer.runlog import RunLog
+    from trainer.monitor.events import ProgressReporter
+    from trainer.monitor.runlog import RunLog
+    from trainer.training.loop import Hooks, train
 
     stamps = []
     run_dir = tmp / f"run{round_index}"
@@ -74,7 +74,7 @@ def time_ours(host, latents, dataset_cfg, tmp: Path, round_index: int) -> float:
 def time_floor(host, latents) -> float:
     import torch
 
-    from trainer.network import LoRANetwork
+    from trainer.adapters.network import LoRANetwork
 
     cfg = config()
     network = LoRANetwork(host.adapter_targets("transformer", False, False), cfg.network,

@@ -13,9 +13,10 @@ from typing import Sequence
 
 import torch
 
-from ..trainer.host import AdapterTarget, Conditioning, MemoryInfo, TrainingError, TrainingInterrupted
-from ..trainer.identity import module_fingerprint
-from ..trainer.schedules import DiscreteSchedule, FlowSchedule
+from ..trainer.errors import TrainingError, TrainingInterrupted
+from ..trainer.hosts.base import AdapterTarget, Conditioning, MemoryInfo
+from ..trainer.training.identity import module_fingerprint
+from ..trainer.training.schedules import DiscreteSchedule, FlowSchedule
 
 
 class ComfyHost:
@@ -60,7 +61,7 @@ class ComfyHost:
         return {"te1": model.clip_l.transformer, "te2": model.clip_g.transformer}
 
     def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        from ..trainer.targets import unet_targets
+        from ..trainer.adapters.targets import unet_targets
 
         ldm_to_diffusers = None
         if self.family == "sd15":  # kohya names SD1.5 modules by their diffusers paths
@@ -71,7 +72,7 @@ class ComfyHost:
                                 for diff, ldm in mapping.items() if diff.endswith(".weight")}
         targets = unet_targets(self.unet, self.family, preset, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
         if text_encoder:
-            from ..trainer.targets import all_text_encoder_targets
+            from ..trainer.adapters.targets import all_text_encoder_targets
 
             if self.clip is None:
                 raise TrainingError("train_text_encoder is on but no CLIP is connected to Train LoRA")
@@ -191,7 +192,7 @@ class ComfyHost:
             cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
             contexts.append(cond[0])
             pooled.append(pool[0] if pool is not None else None)
-        from ..trainer.text import stack_contexts
+        from ..trainer.data.text import stack_contexts
 
         context = stack_contexts(contexts).to(self.device)
         pooled_t = torch.stack(pooled).to(self.device) if pooled[0] is not None else None
@@ -213,7 +214,7 @@ class ComfyHost:
 
     # --- services ---------------------------------------------------------------------------------------------
     def memory(self) -> MemoryInfo:
-        from ..trainer.events import memory_snapshot
+        from ..trainer.monitor.events import memory_snapshot
 
         snap = memory_snapshot(self.device)
         return MemoryInfo(device=snap["device"], allocated=snap["allocated"], reserved=snap["reserved"],

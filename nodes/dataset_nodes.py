@@ -13,7 +13,7 @@ from .types import CATEGORY, Dataset, Latents
 class DatasetValue:
     """What flows on a LORALAB_DATASET socket."""
 
-    dataset: object  # trainer.dataset.Dataset
+    dataset: object  # trainer.data.dataset.Dataset
     config: object  # trainer.config.DatasetConfig
     fingerprint: str
 
@@ -22,7 +22,7 @@ class DatasetValue:
 class LatentsValue:
     """What flows on a LORALAB_LATENTS socket."""
 
-    latents: object  # trainer.cache.LatentSet
+    latents: object  # trainer.data.cache.LatentSet
     dataset_config: object
     bucket_config: object
     cache_dir: Path
@@ -73,7 +73,7 @@ class LoadDataset(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder, caption_extension, **_):
         # Re-run when any image or caption in the folder changes, even if the node's settings did not.
-        from ..trainer.dataset import fingerprint
+        from ..trainer.data.dataset import fingerprint
         from .paths import resolve_dataset_folder
 
         try:
@@ -84,7 +84,7 @@ class LoadDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_repeats, shuffle_captions, keep_tokens,
                 caption_separator, caption_dropout) -> io.NodeOutput:
-        from ..trainer.dataset import scan_dataset
+        from ..trainer.data.dataset import scan_dataset
 
         config = _dataset_config(folder, caption_extension, trigger_word, default_repeats, shuffle_captions,
                                  keep_tokens, caption_separator, caption_dropout)
@@ -134,9 +134,9 @@ class CacheLatents(io.ComfyNode):
                 crop, flip, cache_folder) -> io.NodeOutput:
         import comfy.utils
 
-        from ..trainer.cache import prepare_latents
         from ..trainer.config import BucketConfig
-        from ..trainer.host import TrainingError
+        from ..trainer.data.cache import prepare_latents
+        from ..trainer.errors import TrainingError
         from .comfy_host import vae_encoder
         from .paths import default_cache_dir
 

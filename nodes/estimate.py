@@ -10,7 +10,7 @@ BATCH_TABLE = (1, 2, 4, 8)
 def estimate_for(host, cfg, latents, batch_size: int, keep_text_encoder: bool, batch_table=()):
     """Estimate training ``cfg`` on ``host`` at the largest bucket the cached latents use. Call it inside
     ``host.training_session()`` (the estimate traces the loaded model)."""
-    from ..trainer.memory import estimate_training_memory
+    from ..trainer.preflight.memory import estimate_training_memory
 
     buckets = sorted({s.bucket for s in latents.latents.samples})
     return estimate_training_memory(host, cfg, buckets, batch_size=batch_size,
@@ -25,7 +25,7 @@ def keeps_text_encoder(cfg, latents) -> bool:
 
 def configure_estimate_text(model, latents, cfg, clip=None) -> str:
     """Configure LoRA's estimate: what training ``cfg`` on this model and data needs, per batch size."""
-    from ..trainer.host import TrainingError
+    from ..trainer.errors import TrainingError
     from .comfy_host import ComfyHost
 
     if model is None or latents is None:

@@ -35,8 +35,8 @@ class SaveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename, dtype, title, trigger_phrase, notes) -> io.NodeOutput:
-        from ..trainer.host import TrainingError
-        from ..trainer.lora_file import save_lora
+        from ..trainer.errors import TrainingError
+        from ..trainer.files.lora_file import save_lora
         from .paths import lora_output_path, refresh_lora_list
 
         if not lora:

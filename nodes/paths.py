@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..trainer.host import TrainingError
+from ..trainer.errors import TrainingError
 
 SAFE_PART = re.compile(r"[^A-Za-z0-9._ -]+")
 

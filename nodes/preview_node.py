@@ -22,7 +22,7 @@ def parse_prompts(text: str) -> list[str]:
 
 
 def parse_strengths(text: str) -> list[float]:
-    from ..trainer.host import TrainingError
+    from ..trainer.errors import TrainingError
 
     try:
         values = [float(x) for x in (text or "").replace(";", ",").split(",") if x.strip()]
@@ -35,6 +35,7 @@ def sample_one(model, clip, vae, prompt: str, negative: str, seed: int, steps: i
                scheduler: str, width: int, height: int) -> torch.Tensor:
     """One image (H, W, 3) in [0, 1] through ComfyUI's KSampler path."""
     import comfy.model_management
+
     import nodes as comfy_nodes
 
     def encode(text):
@@ -89,7 +90,7 @@ def preview_grid(model_for_strength: Callable[[float], object], clip, vae, promp
 def training_preview(host, network, prompts: Sequence[str], strengths: Sequence[float], run_dir: Path, step: int,
                      settings: dict) -> Optional[str]:
     """Render a preview grid with the live adapters (multiplier = strength) and save it in the run folder."""
-    from ..trainer.atomic import write_with
+    from ..trainer.files.atomic import write_with
 
     def model_at(strength: float):
         network.set_multiplier(strength)
@@ -148,7 +149,7 @@ class SamplePreview(io.ComfyNode):
         import comfy.sd
         from comfy_api.latest import ui
 
-        from ..trainer.host import TrainingError
+        from ..trainer.errors import TrainingError
 
         prompt_list = parse_prompts(prompts)
         if not prompt_list:

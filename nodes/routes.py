@@ -99,9 +99,9 @@ def run_dir(run: str, root: Optional[PathLike] = None) -> Path:
 # ------------------------------------------------------------------------------------- handlers over a root dir
 def _runlog_readers():
     try:  # inside ComfyUI the pack is a package: nodes/ and trainer/ are siblings
-        from ..trainer.runlog import read_estimate, read_history, read_latest
+        from ..trainer.monitor.runlog import read_estimate, read_history, read_latest
     except ImportError:  # tests / tools with the repository root on sys.path
-        from trainer.runlog import read_estimate, read_history, read_latest
+        from trainer.monitor.runlog import read_estimate, read_history, read_latest
     return read_history, read_latest, read_estimate
 
 

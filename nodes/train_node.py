@@ -101,9 +101,9 @@ class TrainLoRA(io.ComfyNode):
                 preview_prompts="", preview_every=0, resume_from="", allow_over_memory=False) -> io.NodeOutput:
         import comfy.sd
 
-        from ..trainer.lora_file import load_lora
-        from ..trainer.plot import image_to_tensor, render_loss_plot
-        from ..trainer.runlog import read_estimate, read_history
+        from ..trainer.files.lora_file import load_lora
+        from ..trainer.monitor.plot import image_to_tensor, render_loss_plot
+        from ..trainer.monitor.runlog import read_estimate, read_history
         from .comfy_host import ComfyHost
         from .paths import runs_root, sanitize_name
 
@@ -133,15 +133,15 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     import comfy.model_management as mm
     import comfy.utils
 
-    from ..trainer.atomic import write_text
-    from ..trainer.events import ProgressReporter, fanout
-    from ..trainer.host import TrainingInterrupted
-    from ..trainer.lora_file import build_metadata, save_lora
-    from ..trainer.loop import Hooks, train
-    from ..trainer.memory import check_fits, measured_peak, oom_report
-    from ..trainer.preflight import preflight, raise_problems
-    from ..trainer.runlog import ESTIMATE_FILE, RunLog
-    from ..trainer.state import latest_snapshot
+    from ..trainer.errors import TrainingInterrupted
+    from ..trainer.files.atomic import write_text
+    from ..trainer.files.lora_file import build_metadata, save_lora
+    from ..trainer.monitor.events import ProgressReporter, fanout
+    from ..trainer.monitor.runlog import ESTIMATE_FILE, RunLog
+    from ..trainer.preflight.checks import preflight, raise_problems
+    from ..trainer.preflight.memory import check_fits, measured_peak, oom_report
+    from ..trainer.training.loop import Hooks, train
+    from ..trainer.training.state import latest_snapshot
     from .estimate import estimate_for, keeps_text_encoder
     from .paths import runs_root
     from .preview_node import parse_prompts, training_preview
@@ -164,7 +164,7 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     hooks = Hooks(on_step=on_step)
     if prompts and preview_every > 0:
         if host.vae is None:
-            from ..trainer.host import TrainingError
+            from ..trainer.errors import TrainingError
 
             raise TrainingError("Train LoRA: preview prompts are set but no VAE is connected; connect the VAE "
                                 "(or set preview_every to 0)")

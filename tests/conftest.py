@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Folders of tiny SD1.5 (eps and v) and SDXL models, built on first use."""
-    from trainer.hosts.tiny import build_tiny_pipeline
+    from trainer.demo.tiny_models import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny_models")
     built = {}
@@ -30,9 +30,9 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture
 def make_latents(tmp_path):
     """Scan a dataset folder and cache its latents with a host's VAE: the real data path, made small."""
-    from trainer.cache import prepare_latents
     from trainer.config import BucketConfig, DatasetConfig
-    from trainer.dataset import scan_dataset
+    from trainer.data.cache import prepare_latents
+    from trainer.data.dataset import scan_dataset
 
     def make(host, folder: Path, resolution: int = 64, flip: bool = False, **dataset_kwargs):
         dataset_cfg = DatasetConfig(folder=str(folder), **dataset_kwargs)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from trainer.batching import BatchSampler, batches_per_epoch, epoch_batches
-from trainer.host import TrainingError
+from trainer.data.batching import BatchSampler, batches_per_epoch, epoch_batches
+from trainer.errors import TrainingError
 
 
 @dataclass

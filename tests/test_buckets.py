@@ -5,11 +5,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.buckets import (
-    Bucketer, ImageTooSmall, apply_crop_plan, bucket_report, cover_size, make_buckets, no_upscale_size, plan_crop,
+from trainer.config import BucketConfig
+from trainer.data.buckets import (
+    Bucketer,
+    ImageTooSmall,
+    apply_crop_plan,
+    bucket_report,
+    cover_size,
+    make_buckets,
+    no_upscale_size,
+    plan_crop,
     select_bucket,
 )
-from trainer.config import BucketConfig, ConfigError
+from trainer.errors import ConfigError
 
 SD15 = [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
         (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256)]

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import trainer.cache as cache_module
+import trainer.data.cache as cache_module
 from tests.messy import build_messy_folder, encoded, photo_like, tiny_vae_encoder
-from trainer.cache import EntryStore, TextCache, prepare_latents, text_key
 from trainer.config import BucketConfig, DatasetConfig
-from trainer.dataset import DatasetError, scan_dataset
-from trainer.host import TrainingInterrupted
+from trainer.data.cache import EntryStore, TextCache, prepare_latents, text_key
+from trainer.data.dataset import DatasetError, scan_dataset
+from trainer.errors import TrainingInterrupted
 
 # Small buckets keep the CPU VAE cheap; the bucket logic itself is tested at real sizes in test_buckets.py.
 SMALL = BucketConfig(resolutions=[128], min_bucket=64, max_bucket=256, step=32)

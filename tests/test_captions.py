@@ -2,8 +2,8 @@
 import random
 from collections import Counter
 
-from trainer.captions import build_caption, contains_word, insert_trigger, read_caption_file, split_tags
 from trainer.config import DatasetConfig
+from trainer.data.captions import build_caption, contains_word, insert_trigger, read_caption_file, split_tags
 
 
 def test_read_caption_strips_bom_and_normalises_whitespace(tmp_path):

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.messy import build_messy_folder, encoded, photo_like
 from trainer.config import DatasetConfig
-from trainer.dataset import DatasetError, fingerprint, scan_dataset
-from trainer.host import TrainingError
+from trainer.data.dataset import DatasetError, fingerprint, scan_dataset
+from trainer.errors import TrainingError
 
 
 @pytest.fixture(scope="module")

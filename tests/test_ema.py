@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.ema import AdapterEMA
+from trainer.training.ema import AdapterEMA
 
 
 def params():

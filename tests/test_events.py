@@ -7,7 +7,8 @@ import math
 import psutil
 import pytest
 
-from trainer.events import (
+from trainer.hosts.base import MemoryInfo
+from trainer.monitor.events import (
     EMA_BETA,
     PHASES,
     SCHEMA_VERSION,
@@ -19,7 +20,6 @@ from trainer.events import (
     memory_snapshot,
     preview_url,
 )
-from trainer.host import MemoryInfo
 
 
 class FakeClock:

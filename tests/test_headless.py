@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-
 from shapes import write_shape_dataset
+
 from trainer.__main__ import main
-from trainer.hosts.tiny import build_tiny_pipeline
+from trainer.demo.tiny_models import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from tests.messy import encoded, photo_like
-from trainer.host import TrainingError
-from trainer.images import ImageReadError, check_image, is_image_file, load_image, read_size, to_rgb
+from trainer.data.images import ImageReadError, check_image, is_image_file, load_image, read_size, to_rgb
+from trainer.errors import TrainingError
 
 
 def test_rgba_and_la_are_composited_on_white():

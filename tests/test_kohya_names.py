@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.kohya_names import block_map, diffusers_to_ldm, ldm_to_diffusers, unet_namer
-from trainer.targets import select_unet_modules, text_encoder_targets, unet_targets
+from trainer.adapters.kohya_names import block_map, diffusers_to_ldm, ldm_to_diffusers, unet_namer
+from trainer.adapters.targets import select_unet_modules, text_encoder_targets, unet_targets
 
 # Hand-checked: where each diffusers container of the tiny models lives in the ldm/sgm UNet.
 TINY_SD15_BLOCKS = {  # layers_per_block 1; down (CrossAttn, Down); up (Up, CrossAttn)
@@ -63,7 +63,7 @@ def build_unet(config, device="cpu"):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from trainer.hosts.tiny import unet_config
+    from trainer.demo.tiny_models import unet_config
 
     torch.manual_seed(0)
     return {family: build_unet(unet_config(family)) for family in ("sd15", "sdxl")}
@@ -168,7 +168,7 @@ def test_text_encoder_counts_and_names_for_real_clip_configs():
 def test_text_encoder_under_a_wrapper_path_like_comfyui():
     from transformers import CLIPTextModel
 
-    from trainer.hosts.tiny import text_encoder_config
+    from trainer.demo.tiny_models import text_encoder_config
 
     clip = CLIPTextModel(text_encoder_config())
     wrapper = nn.Module()

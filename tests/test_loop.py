@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from shapes import write_shape_dataset
+
 from trainer.config import TrainConfig
-from trainer.host import TrainingError, TrainingInterrupted
+from trainer.errors import TrainingError, TrainingInterrupted
 from trainer.hosts.diffusers_host import DiffusersHost
-from trainer.loop import fixed_grid_loss, train
-from trainer.state import list_snapshots
+from trainer.training.loop import fixed_grid_loss, train
+from trainer.training.state import list_snapshots
 
 GRID = [100, 300, 500, 700, 900]
 
@@ -159,7 +159,7 @@ class OOMAtStep(DiffusersHost):
 
 
 def test_out_of_memory_saves_a_resumable_state_and_explains(tiny_models, make_latents, tmp_path):
-    from trainer.loop import Hooks
+    from trainer.training.loop import Hooks
 
     host = OOMAtStep(tiny_models("sd15"), step=4)
     latents, dataset_cfg = make_latents(host, write_shape_dataset(tmp_path / "data", 2))
@@ -187,7 +187,7 @@ def test_text_encoder_adapters_train_headless(tiny_models, make_latents, tmp_pat
 
 def test_training_continues_from_an_existing_lora_file(tiny_models, make_latents, tmp_path):
     """network.init_from: the run starts from the file's weights (and its rank, whatever the config says)."""
-    from trainer.lora_file import save_lora
+    from trainer.files.lora_file import save_lora
 
     folder = write_shape_dataset(tmp_path / "data", 4)
     host = DiffusersHost(tiny_models("sd15"))

@@ -6,14 +6,19 @@ import logging
 import pytest
 import torch
 
+from trainer.adapters.network import LoRANetwork
 from trainer.config import NetworkConfig, ObjectiveConfig, OptimizerConfig, TrainConfig
-from trainer.lora_file import LoRAFileError, build_metadata, load_lora, save_lora
-from trainer.network import LoRANetwork
+from trainer.files.lora_file import LoRAFileError, build_metadata, load_lora, save_lora
 
 
 def load_pipeline(folder, family):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     parts = dict(vae=AutoencoderKL.from_pretrained(folder / "vae"),
@@ -46,8 +51,8 @@ def run_models(pipe, family, encoders):
 def test_saved_file_loads_in_diffusers_with_the_same_effect(tmp_path, family):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from trainer.hosts.tiny import build_tiny_pipeline
-    from trainer.targets import text_encoder_targets, unet_targets
+    from trainer.adapters.targets import text_encoder_targets, unet_targets
+    from trainer.demo.tiny_models import build_tiny_pipeline
 
     pipe = load_pipeline(build_tiny_pipeline(tmp_path / "model", family), family)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
@@ -212,7 +217,7 @@ def test_unreadable_files_give_an_error_naming_the_file(tmp_path):
 def test_network_round_trip_through_a_file(tmp_path):
     from torch import nn
 
-    from trainer.host import AdapterTarget
+    from trainer.hosts.base import AdapterTarget
 
     targets = [AdapterTarget("lora_unet_l", nn.Linear(8, 6), "unet"),
                AdapterTarget("lora_unet_c", nn.Conv2d(3, 5, 3, padding=1), "unet")]

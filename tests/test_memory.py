@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.host import MemoryInfo, TrainingError
-from trainer import activation_trace as T
-from trainer import memory as M
+from trainer.errors import TrainingError
+from trainer.hosts.base import MemoryInfo
+from trainer.preflight import activation_trace as T
+from trainer.preflight import memory as M
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +153,8 @@ def test_trace_fit_extrapolates_exactly(host):
 
 
 def test_adapter_emulation_matches_the_real_network(host):
-    """Calibration against trainer/network.py: saved bytes of a real LoRANetwork forward vs the estimate's."""
-    network_mod = pytest.importorskip("trainer.network")
+    """Calibration against trainer/adapters/network.py: saved bytes of a real LoRANetwork forward vs the estimate's."""
+    network_mod = pytest.importorskip("trainer.adapters.network")
     cfg = cfg_with(network={"rank": 8})
     targets = host.adapter_targets("transformer", False, False)
     network = network_mod.LoRANetwork(targets, cfg.network)
@@ -285,6 +286,6 @@ def test_optimizer_state_fallback_table():
     assert M.optimizer_state_bytes("sgd", 1000, momentum=0) == 0
     shapes = [(8, 320), (320, 8)]
     n = 2 * 8 * 320
-    # our own per-shape numbers (used when trainer.optim is unavailable) stay below AdamW's 8 B/param
+    # our own per-shape numbers (used when trainer.training.optim is unavailable) stay below AdamW's 8 B/param
     assert M.OPTIMIZER_STATE["adamw8bit"] * n < 8 * n
     assert M.optimizer_state_bytes("adamw", n, shapes) == 8 * n

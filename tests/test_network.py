@@ -4,16 +4,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ConfigError, NetworkConfig
-from trainer.host import AdapterTarget, TrainingError
-from trainer.network import LoRANetwork
+from trainer.adapters.network import LoRANetwork
+from trainer.config import NetworkConfig
+from trainer.errors import ConfigError, TrainingError
+from trainer.hosts.base import AdapterTarget
 
 
 @pytest.fixture(scope="module")
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from trainer.hosts.tiny import unet_config
+    from trainer.demo.tiny_models import unet_config
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**unet_config("sd15")).eval()
@@ -23,7 +24,7 @@ def tiny_unet():
 def tiny_te():
     from transformers import CLIPTextModel
 
-    from trainer.hosts.tiny import text_encoder_config
+    from trainer.demo.tiny_models import text_encoder_config
 
     torch.manual_seed(0)
     return CLIPTextModel(text_encoder_config()).eval()
@@ -36,7 +37,7 @@ def unet_inputs(unet, batch=2):
 
 
 def full_network(unet, te=None, **cfg):
-    from trainer.targets import text_encoder_targets, unet_targets
+    from trainer.adapters.targets import text_encoder_targets, unet_targets
 
     targets = unet_targets(unet, "sd15", "full")
     if te is not None:

@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from trainer import objectives
-from trainer.config import ConfigError, ObjectiveConfig
-from trainer.schedules import DiscreteSchedule, FlowSchedule
+from trainer.config import ObjectiveConfig
+from trainer.errors import ConfigError
+from trainer.training import objectives
+from trainer.training.schedules import DiscreteSchedule, FlowSchedule
 
 
 def gen(seed=0):

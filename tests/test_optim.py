@@ -6,8 +6,9 @@ import types
 import pytest
 import torch
 
-from trainer import optim
-from trainer.config import ConfigError, OptimizerConfig
+from trainer.config import OptimizerConfig
+from trainer.errors import ConfigError
+from trainer.training import optim
 
 
 def quadratic_params(seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.plot import (
+from trainer.monitor.plot import (
     EMA,
     MARK_COLORS,
     RAW,

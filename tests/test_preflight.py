@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from trainer.config import BucketConfig, DatasetConfig, TrainConfig
-from trainer.host import TrainingError
-from trainer.preflight import Problem, preflight, raise_problems
+from trainer.errors import TrainingError
+from trainer.preflight.checks import Problem, preflight, raise_problems
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_not_enough_disk(host, tmp_path, dataset):
 
 
 def test_default_output_size_is_estimated(host):
-    from trainer.preflight import output_bytes
+    from trainer.preflight.checks import output_bytes
 
     small = output_bytes(host, cfg_with(network={"rank": 4}))
     big = output_bytes(host, cfg_with(network={"rank": 8}, save_every=2, keep_last=3))
@@ -188,8 +188,8 @@ def test_default_output_size_is_estimated(host):
 def _snapshot(run_dir, host, cfg, model_id=None):
     import torch
 
-    from trainer.loop import resume_digest
-    from trainer.state import save_snapshot
+    from trainer.training.loop import resume_digest
+    from trainer.training.state import save_snapshot
 
     meta = {"config_digest": resume_digest(cfg), "model_id": model_id or host.model_id, "family": host.family}
     save_snapshot(run_dir, 5, {"x.alpha": torch.tensor(1.0)}, {"losses": []}, meta)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.runlog import RunLog, read_history
+from trainer.monitor.runlog import RunLog, read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 

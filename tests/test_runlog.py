@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trainer.runlog import HISTORY_FILE, LATEST_FILE, RunLog, read_history, read_latest
+from trainer.monitor.runlog import HISTORY_FILE, LATEST_FILE, RunLog, read_history, read_latest
 
 
 class FakeClock:

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from trainer.config import ConfigError, ObjectiveConfig
-from trainer.schedules import DiscreteSchedule, FlowSchedule, rescale_zero_terminal_snr, time_shift
+from trainer.config import ObjectiveConfig
+from trainer.errors import ConfigError
+from trainer.training.schedules import DiscreteSchedule, FlowSchedule, rescale_zero_terminal_snr, time_shift
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012)
 
@@ -165,7 +166,7 @@ def test_low_precision_latents_keep_dtype_and_device():
 
 
 def test_describe_timesteps_for_logs():
-    from trainer.schedules import describe_timesteps
+    from trainer.training.schedules import describe_timesteps
 
     assert describe_timesteps(ObjectiveConfig()) == "uniform"
     assert describe_timesteps(ObjectiveConfig(timestep_sampling="shifted", flow_shift=3)) == \

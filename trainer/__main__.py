@@ -19,8 +19,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from .config import ConfigError
-    from .host import TrainingError
+    from .errors import ConfigError, TrainingError
 
     try:
         if args.command == "demo":

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the setting and how to fix it."""
+from .errors import ConfigError
 
 
 @dataclass

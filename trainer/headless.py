@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BucketConfig, ConfigError, DatasetConfig, TrainConfig, _build
+from .config import BucketConfig, DatasetConfig, TrainConfig, _build
+from .errors import ConfigError
 
 log = logging.getLogger("loralab")
 
@@ -74,17 +75,17 @@ def run(spec: HeadlessSpec, echo=print):
     """Train one LoRA headless. Returns the loop's TrainResult."""
     import torch
 
-    from .atomic import write_text
-    from .cache import prepare_latents
-    from .dataset import scan_dataset
-    from .events import ProgressReporter
+    from .data.cache import prepare_latents
+    from .data.dataset import scan_dataset
+    from .files.atomic import write_text
+    from .files.lora_file import build_metadata, save_lora
     from .hosts.diffusers_host import DiffusersHost
-    from .lora_file import build_metadata, save_lora
-    from .loop import Hooks, train
-    from .memory import check_fits, estimate_training_memory, measured_peak, oom_report
-    from .preflight import preflight, raise_problems
-    from .plot import save_loss_plot
-    from .runlog import ESTIMATE_FILE, RunLog, read_history
+    from .monitor.events import ProgressReporter
+    from .monitor.plot import save_loss_plot
+    from .monitor.runlog import ESTIMATE_FILE, RunLog, read_history
+    from .preflight.checks import preflight, raise_problems
+    from .preflight.memory import check_fits, estimate_training_memory, measured_peak, oom_report
+    from .training.loop import Hooks, train
 
     torch.manual_seed(spec.train.seed)
     host = DiffusersHost(spec.model, device=spec.device)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 
 PRESETS: dict[str, dict] = {
     "custom": {},

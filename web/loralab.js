@@ -1,6 +1,6 @@
 // LoRA Lab: live loss, speed and memory on the Train LoRA node.
 //
-// The backend sends `loralab.progress` events (trainer/events.py) at most 4 times per second; this extension
+// The backend sends `loralab.progress` events (trainer/monitor/events.py) at most 4 times per second; this extension
 // registers the listener in setup() (the frontend drops event types nobody registered), keeps one state per node id
 // (loralab_core.js) and draws a compact panel on every LoraLab_TrainLoRA node.
 //

@@ -1,7 +1,7 @@
 // LoRA Lab live panel: pure logic (no DOM, no ComfyUI imports) so `node --test tests/web/` can test it.
 // ComfyUI loads every .js file in web/ as an extension module; this one only defines exports (no side effects).
 //
-// Event payload (trainer/events.py, schema v1):
+// Event payload (trainer/monitor/events.py, schema v1):
 //   {v, node, run, phase, step, total, loss, loss_ema, lr, it_per_s, eta_s,
 //    mem: {device, allocated, reserved, peak, total}, message?, preview?}
 // History route (nodes/routes.py): {run, history: {steps, loss, lr, time, marks}, latest}
@@ -9,7 +9,7 @@
 export const EVENT_TYPE = "loralab.progress";
 export const NODE_TYPE = "LoraLab_TrainLoRA";
 export const SCHEMA_VERSION = 1;
-export const EMA_BETA = 0.98; // same bias-corrected EMA as trainer/events.py and trainer/plot.py
+export const EMA_BETA = 0.98; // same bias-corrected EMA as trainer/monitor/events.py and trainer/monitor/plot.py
 export const PHASES = ["caching", "encoding", "training", "preview", "saving", "done", "stopped", "error"];
 export const TERMINAL_PHASES = new Set(["done", "stopped", "error"]);
 export const MAX_PREVIEWS = 4;

@@ -53,8 +53,8 @@ def latents_for(pack, host, folder, tmp_path, **dataset_kwargs):
     config = pack("trainer.config")
     dataset_cfg = config.DatasetConfig(folder=str(folder), **dataset_kwargs)
     buckets = config.BucketConfig(resolutions=[64], min_bucket=32, max_bucket=128, step=32)
-    dataset = pack("trainer.dataset").scan_dataset(dataset_cfg)
-    latents = pack("trainer.cache").prepare_latents(dataset, buckets, host.encode_images, host.image_encoder_id,
+    dataset = pack("trainer.data.dataset").scan_dataset(dataset_cfg)
+    latents = pack("trainer.data.cache").prepare_latents(dataset, buckets, host.encode_images, host.image_encoder_id,
                                                      tmp_path / "cache")
     return latents, dataset_cfg
 
@@ -73,7 +73,7 @@ def test_training_through_comfy_host_leaves_the_model_untouched(pack, tiny_model
     host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
     assert host.family == kind and host.schedule.prediction == "eps"
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
-    result = pack("trainer.loop").train(host, latents, small_config(pack, gradient_checkpointing=True),
+    result = pack("trainer.training.loop").train(host, latents, small_config(pack, gradient_checkpointing=True),
                                         tmp_path / "run", dataset_cfg=dataset_cfg, text_cache_dir=tmp_path / "text")
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     assert_unchanged(model, before)
@@ -85,7 +85,7 @@ def test_names_are_all_in_comfyuis_key_map(pack, tiny_models, comfy):
         host = pack("nodes.comfy_host").ComfyHost(model, clip, vae)
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model,
                                                   comfy.lora.model_lora_keys_unet(model.model, {}))
-        te_targets = pack("trainer.targets").all_text_encoder_targets(host.text_encoders())
+        te_targets = pack("trainer.adapters.targets").all_text_encoder_targets(host.text_encoders())
         names = [t.name for t in host.adapter_targets("full", True, False) + te_targets]
         assert names and all(name in key_map for name in names), [n for n in names if n not in key_map][:5]
 
@@ -98,8 +98,8 @@ def test_model_untouched_after_an_error_and_after_stop(pack, tiny_models, tmp_pa
     model, clip, vae = tiny_models("sd15")
     before = snapshot(model)
     comfy_host = pack("nodes.comfy_host")
-    loop = pack("trainer.loop")
-    host_error = pack("trainer.host")
+    loop = pack("trainer.training.loop")
+    host_error = pack("trainer.errors")
 
     class FailingHost(comfy_host.ComfyHost):
         calls = 0
@@ -139,7 +139,7 @@ def test_batch_of_two_conditions_each_image_on_its_own_caption(pack, tiny_models
     host = Spy(model.clone(), clip, vae)
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2, captions=captions),
                                        tmp_path)
-    pack("trainer.loop").train(host, latents, small_config(pack, steps=1), tmp_path / "run", dataset_cfg=dataset_cfg)
+    pack("trainer.training.loop").train(host, latents, small_config(pack, steps=1), tmp_path / "run", dataset_cfg=dataset_cfg)
     batch, cond, adm = seen[0]
     assert batch == 2 and cond.context.shape[0] == 2 and adm.shape == (2, 2816)  # B rows, not B x B
     expected = {c: host.encode_text([c])[0] for c in captions}
@@ -160,7 +160,7 @@ def test_gradient_checkpointing_recomputes_the_unet_layers(pack, tiny_models, tm
     host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
     resblocks = sum(isinstance(m, openaimodel.ResBlock) for m in host.unet.modules())
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
-    loop = pack("trainer.loop")
+    loop = pack("trainer.training.loop")
     for checkpointing, expected in ((False, resblocks), (True, 2 * resblocks - 1)):
         calls.clear()
         loop.train(host, latents, small_config(pack, steps=1, batch_size=1, gradient_checkpointing=checkpointing),
@@ -182,7 +182,7 @@ def test_node_list_loads_without_the_engine(loralab_pack):
     missing = [(n.define_schema().node_id, i.id) for n in nodes for i in n.define_schema().inputs if not i.tooltip]
     assert missing == []  # every input explains itself in the UI
     # the node's own copies of the choices (kept so the node list never loads the engine) match the engine's
-    config_node, optim = (importlib.import_module(f"loralab_pack.{m}") for m in ("nodes.config_node", "trainer.optim"))
+    config_node, optim = (importlib.import_module(f"loralab_pack.{m}") for m in ("nodes.config_node", "trainer.training.optim"))
     assert (config_node.OPTIMIZERS, config_node.SCHEDULERS) == (list(optim.OPTIMIZERS), list(optim.SCHEDULERS))
 
 
@@ -196,7 +196,7 @@ def test_text_encoder_adapters_train_in_comfyui(pack, tiny_models, tmp_path, com
     host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
     cfg = small_config(pack, steps=3, network={"rank": 4, "alpha": 4, "train_text_encoder": True})
-    result = pack("trainer.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
+    result = pack("trainer.training.loop").train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     lora = result.network.kohya_state_dict(torch.float32)
     te_ups = [k for k in lora if k.startswith("lora_te") and k.endswith("lora_up.weight")]
@@ -269,7 +269,7 @@ def test_configure_lora_continues_from_a_lora_in_models_loras(pack, tiny_models,
     model, clip, vae = tiny_models("sd15")
     host = pack("nodes.comfy_host").ComfyHost(model.clone(), clip, vae)
     latents, dataset_cfg = latents_for(pack, host, write_shape_dataset(tmp_path / "data", 2), tmp_path)
-    train, save_lora = pack("trainer.loop").train, pack("trainer.lora_file").save_lora
+    train, save_lora = pack("trainer.training.loop").train, pack("trainer.files.lora_file").save_lora
     first = train(host, latents, small_config(pack, steps=2), tmp_path / "first", dataset_cfg=dataset_cfg)
     trained = first.network.kohya_state_dict(torch.float32)
     save_lora(loras / "mine.safetensors", trained, {}, dtype="fp32")

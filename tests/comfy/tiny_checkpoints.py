@@ -162,8 +162,8 @@ def _model_config(kind: str):
 
 
 def _unet_state_dict(kind: str, gen) -> dict:
-    import torch
     import comfy.ops
+    import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     mc = _model_config(kind)
@@ -174,8 +174,8 @@ def _unet_state_dict(kind: str, gen) -> dict:
 
 
 def _taesd_state_dict(gen) -> dict:
-    import torch
     import comfy.taesd.taesd
+    import torch
 
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
     _init_module_(vae, gen)
@@ -187,9 +187,9 @@ def _taesd_state_dict(gen) -> dict:
 
 
 def _clip_state_dict(kind: str, gen) -> dict:
-    import torch
     import comfy.sd1_clip
     import comfy.sdxl_clip
+    import torch
 
     mc = _model_config(kind)
     if SPECS[kind]["clip"] == "sd1":
@@ -246,8 +246,8 @@ def build_checkpoint(kind: str, path: os.PathLike, seed: int = 0) -> dict:
 
 def build_vae_file(path: os.PathLike, seed: int = 0) -> dict:
     """A separate TAESD VAE file (safetensors), loadable by VAELoader from models/vae."""
-    import torch
     import safetensors.torch
+    import torch
 
     _require_comfy()
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python tests/web/make_fixtures.py
 
-* fixtures/events.json: a recorded `loralab.progress` stream of node "5" from trainer.events.ProgressReporter with a
+* fixtures/events.json: a recorded `loralab.progress` stream of node "5" from trainer.monitor.events.ProgressReporter with a
   fake clock (5 it/s) and CUDA-like memory: caching -> encoding -> training -> preview -> training -> saving ->
   training -> preview -> done.
 * fixtures/history_run.json: what GET /loralab/runs/<run>/history returns for a finished earlier run (built with
@@ -21,8 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from trainer.events import ProgressReporter, preview_url  # noqa: E402
-from trainer.runlog import ESTIMATE_FILE, RunLog, read_estimate, read_history, read_latest  # noqa: E402
+from trainer.monitor.events import ProgressReporter, preview_url  # noqa: E402
+from trainer.monitor.runlog import ESTIMATE_FILE, RunLog, read_estimate, read_history, read_latest  # noqa: E402
 
 ESTIMATE_TEXT = """Memory estimate (cpu): 4.0 GiB of 30.1 GiB available -> FITS (headroom 25.7 GiB)
   for 512x512 px, batch 1, rank 16, adamw, mixed precision no, checkpointing off

@@ -12,9 +12,10 @@ from typing import Sequence
 
 import torch
 
-from ..host import AdapterTarget, Conditioning, MemoryInfo, TrainingError
-from ..identity import module_fingerprint
-from ..schedules import DiscreteSchedule
+from ..errors import TrainingError
+from ..training.identity import module_fingerprint
+from ..training.schedules import DiscreteSchedule
+from .base import AdapterTarget, Conditioning, MemoryInfo
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
@@ -66,7 +67,7 @@ class DiffusersHost:
         return dict(zip(names, self.encoders))
 
     def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        from ..targets import all_text_encoder_targets, unet_targets
+        from ..adapters.targets import all_text_encoder_targets, unet_targets
 
         targets = unet_targets(self.unet, self.family, preset, scheme="diffusers")
         if text_encoder:
@@ -145,7 +146,7 @@ class DiffusersHost:
 
     # --- services ---------------------------------------------------------------------------------------------
     def memory(self) -> MemoryInfo:
-        from ..events import memory_snapshot
+        from ..monitor.events import memory_snapshot
 
         snap = memory_snapshot(self.device)
         return MemoryInfo(**{k: snap[k] for k in ("device", "allocated", "reserved", "peak", "total")},

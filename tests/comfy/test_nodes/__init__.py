@@ -53,6 +53,7 @@ class LoraLabTest_SendEvent:
 
     def send(self, event, payload, unique_id=None):
         import json
+
         from server import PromptServer
 
         inst = PromptServer.instance
@@ -78,6 +79,7 @@ class LoraLabTest_Wait:
 
     def wait(self, steps, step_s):
         import time
+
         import comfy.model_management
         import comfy.utils
 

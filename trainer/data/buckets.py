@@ -22,7 +22,8 @@ from typing import Iterable, Optional, Sequence
 
 from PIL import Image
 
-from .config import BucketConfig, ConfigError
+from ..config import BucketConfig
+from ..errors import ConfigError
 
 Size = tuple[int, int]
 LATENT_FACTOR = 8  # VAE downsampling: bucket sides must be multiples of it

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .config import DatasetConfig
+from ..config import DatasetConfig
 
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")

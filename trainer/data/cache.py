@@ -27,11 +27,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import write_with
-from .buckets import LATENT_FACTOR, BucketReport, Bucketer, CropPlan, ImageTooSmall, apply_crop_plan, bucket_report
-from .config import BucketConfig
+from ..config import BucketConfig
+from ..errors import TrainingError
+from ..files.atomic import write_with
+from .buckets import LATENT_FACTOR, Bucketer, BucketReport, CropPlan, ImageTooSmall, apply_crop_plan, bucket_report
 from .dataset import Dataset, DatasetError, ImageItem
-from .host import TrainingError
 from .images import ImageReadError, load_image
 
 CACHE_FORMAT = 1  # bump when the meaning of stored values changes

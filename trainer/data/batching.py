@@ -12,7 +12,7 @@ import random
 from collections import defaultdict
 from typing import Any, Optional, Protocol, Sequence
 
-from .host import TrainingError
+from ..errors import TrainingError
 
 
 class BatchableSample(Protocol):  # LatentSample fits

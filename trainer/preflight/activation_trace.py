@@ -1,5 +1,5 @@
 """The activation trace behind the memory estimate: adapter/optimizer counting, and a measurement of what autograd
-saves on the loaded model at a few tiny sizes, fitted per module (the model is described in trainer/memory.py)."""
+saves on the loaded model at a few tiny sizes, fitted per module (the model is described in trainer/preflight/memory.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,11 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
-
 TRACE_SIDES = (8, 16, 24)  # latent sides of the trace forwards (multiples of 8 so every UNet level divides evenly)
 FALLBACK_CHECKPOINT_RATIO = 0.27  # checkpointed / plain saved activations of the 81 M model at 512 px
 _EIGHT_BIT_BLOCK = 256
-OPTIMIZER_STATE = {  # bytes of optimizer state per trainable parameter (fallback when trainer.optim is absent)
+OPTIMIZER_STATE = {  # bytes of optimizer state per trainable parameter (fallback when trainer.training.optim is absent)
     "adamw": 8.0,
     "adamw8bit": 2 * (1 + 4 / _EIGHT_BIT_BLOCK),
     "lion8bit": 1 + 4 / _EIGHT_BIT_BLOCK,
@@ -64,7 +63,7 @@ def _is_conv_kxk(module) -> bool:
 
 
 def target_rank(module, network_cfg) -> int:
-    """The rank trainer/network.py gives this target: conv_rank for non-1x1 convs when it is > 0, else rank."""
+    """The rank trainer/adapters/network.py gives this target: conv_rank for non-1x1 convs when it is > 0, else rank."""
     if _is_conv_kxk(module) and network_cfg.conv_rank > 0:
         return int(network_cfg.conv_rank)
     return int(network_cfg.rank)
@@ -98,7 +97,7 @@ def adapter_shapes(module, rank: int) -> list[tuple[int, ...]]:
 
 def optimizer_state_bytes(name: str, n_params: int, shapes: Optional[Sequence[tuple[int, ...]]] = None,
                           momentum: float = 0.9) -> int:
-    """Optimizer state for ``n_params`` trainable parameters: trainer.optim's estimate when available, else ours.
+    """Optimizer state for ``n_params`` trainable parameters: trainer.training.optim's estimate when available, else ours.
 
     Ours, with ``shapes``: Adafactor keeps a row and a column vector per tensor of >= 2 dims (factored over the last
     two dims, as transformers' Adafactor does), fp32 per value for 1-dim ones; 8-bit optimizers keep fp32 state for
@@ -106,7 +105,7 @@ def optimizer_state_bytes(name: str, n_params: int, shapes: Optional[Sequence[tu
     if name == "sgd" and momentum == 0:
         return 0
     try:
-        from .optim import optimizer_state_bytes as from_optim
+        from ..training.optim import optimizer_state_bytes as from_optim
 
         return int(from_optim(name, n_params))
     except Exception:  # noqa: BLE001 - the optim module may be missing or not know the name: use our own table
@@ -131,7 +130,7 @@ def optimizer_state_bytes(name: str, n_params: int, shapes: Optional[Sequence[tu
 
 # ================================================================================================ the trace
 class _Adapters:
-    """Temporary LoRA-shaped forward hooks that do what trainer/network.py's hooks do (fp32 adapters; the hook adds
+    """Temporary LoRA-shaped forward hooks that do what trainer/adapters/network.py's hooks do (fp32 adapters; the hook adds
     ``up(down(dropout(x.float()))) * scale`` cast to the output dtype), so autograd saves the same tensors. The
     ids of the rank-wide ``down`` outputs are recorded so their bytes can be rescaled for another rank."""
 
@@ -365,7 +364,7 @@ def _text_shapes(host) -> tuple[int, int, Optional[int]]:
 def _dummy_inputs(host, batch: int, side: int, text: tuple[int, int, Optional[int]]):
     import torch
 
-    from .host import Conditioning
+    from ..hosts.base import Conditioning
 
     device, dtype = host.device, host.dtype
     tokens, width, pooled_width = text

@@ -50,8 +50,8 @@ def demo_config(out: Path, steps: int = 60) -> dict:
 
 
 def run_demo(out: str | Path = "demo_output", steps: int = 60, echo=print) -> dict:
-    from .headless import HeadlessSpec, run
-    from .hosts.tiny import build_tiny_pipeline
+    from ..headless import HeadlessSpec, run
+    from .tiny_models import build_tiny_pipeline
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Loss plot with Pillow only (no matplotlib): the run folder's ``loss.png`` and Train LoRA's IMAGE output.
 
 ``render_loss_plot(read_history(run_dir))`` draws the raw loss (light), its EMA (bold, the same bias-corrected EMA as
-the live panel, :data:`trainer.events.EMA_BETA`), dashed vertical marks where previews, saves and resumes happened,
+the live panel, :data:`trainer.monitor.events.EMA_BETA`), dashed vertical marks where previews, saves and resumes happened,
 axes with 1-2-5 ticks and step labels. Long series are reduced to min/max per pixel column, so spikes stay visible.
 The image is drawn at 2x and downsampled for smooth lines.
 """
@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import atomic
+from ..files import atomic
 from .events import EMA_BETA, ema_series
 
 SUPERSAMPLE = 2
@@ -165,7 +165,7 @@ def _quantile(vals: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------------------- render
 def render_loss_plot(history: Any, width: int = 800, height: int = 480, log_scale: bool = False,
                      title: str = "", ema_beta: float = EMA_BETA) -> Image.Image:
-    """An RGB image of the loss curve. ``history``: :func:`trainer.runlog.read_history`'s dict (or a list of
+    """An RGB image of the loss curve. ``history``: :func:`trainer.monitor.runlog.read_history`'s dict (or a list of
     losses). ``log_scale`` plots log10(loss) (non-positive losses are left out)."""
     width, height = max(160, int(width)), max(120, int(height))
     S = SUPERSAMPLE

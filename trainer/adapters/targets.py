@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional
 
-from .host import AdapterTarget
+from ..hosts.base import AdapterTarget
 from .kohya_names import DIFFUSERS_CLASSES, LDM_CLASSES, TE_PREFIXES, _kind_of, kohya_name, unet_namer
 
 PRESETS = ("attention", "transformer", "full")

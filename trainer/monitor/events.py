@@ -2,7 +2,7 @@
 
 The engine builds payloads with :class:`ProgressReporter` and hands them to an ``emit`` callable. Inside ComfyUI the
 node passes ``lambda p: PromptServer.instance.send_sync(EVENT_TYPE, p, client_id)``; headless runs pass a logger, a
-list's ``append`` or :meth:`trainer.runlog.RunLog.write_latest`. This module never imports ComfyUI, and imports torch
+list's ``append`` or :meth:`trainer.monitor.runlog.RunLog.write_latest`. This module never imports ComfyUI, and imports torch
 only to read CUDA/MPS memory counters.
 
 Payload (``v`` = :data:`SCHEMA_VERSION`)::
@@ -151,12 +151,12 @@ def _device_str(device: Any) -> str:
 
 
 def memory_info(device: Any = None):
-    """:class:`trainer.host.MemoryInfo` for ``device`` (a torch.device, "cuda", "cuda:1", "mps", "cpu" or None).
+    """:class:`trainer.hosts.base.MemoryInfo` for ``device`` (a torch.device, "cuda", "cuda:1", "mps", "cpu" or None).
 
     CUDA: ``torch.cuda.memory_allocated / memory_reserved / max_memory_allocated`` and ``mem_get_info`` (free, total).
     MPS: driver counters, machine RAM as total. Anything else: the process (RSS) and machine RAM, device "cpu".
     """
-    from .host import MemoryInfo
+    from ..hosts.base import MemoryInfo
 
     return MemoryInfo(**_snapshot_full(device))
 
@@ -360,7 +360,7 @@ class ProgressReporter:
                message: Optional[str] = None, preview: Optional[str] = None, total: Optional[int] = None) -> bool:
         """One entry point for loops: ``report("training", step=s, loss=l, lr=lr, mem=host.memory())`` records an
         optimizer step (throttled); any other phase is sent at once when it changes. ``mem`` may be a mem dict or a
-        :class:`trainer.host.MemoryInfo` (or a callable returning one, called only when an event goes out)."""
+        :class:`trainer.hosts.base.MemoryInfo` (or a callable returning one, called only when an event goes out)."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
         if total is not None:

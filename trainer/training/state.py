@@ -2,7 +2,7 @@
 
     <run>/config.json               the full training config (+ dataset/bucket settings)
     <run>/state/step_000120/        one complete snapshot: adapters.safetensors, training.pt, meta.json
-    <run>/history.jsonl, latest.json, previews/, loss.png   (trainer/runlog.py)
+    <run>/history.jsonl, latest.json, previews/, loss.png   (trainer/monitor/runlog.py)
 
 A snapshot folder is written under a temporary name and renamed when complete, so a crash or Stop mid-save
 never leaves a half snapshot that resume would pick up. Only the newest `keep_last` snapshots are kept.
@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from .host import TrainingError
+from ..errors import TrainingError
 
 STATE_DIR = "state"
 SNAPSHOT_PREFIX = "step_"

@@ -7,9 +7,9 @@ Run folder layout (one folder per run)::
                               {"step": 100, "mark": "preview", "file": "step_000100.png", "time": ...}
                               {"step": 200, "mark": "save", "file": "my_lora_000200.safetensors", "time": ...}
                               {"step": 200, "mark": "resume", "time": ...}
-    <run_dir>/latest.json     the last progress payload (trainer/events.py), replaced atomically, throttled
+    <run_dir>/latest.json     the last progress payload (trainer/monitor/events.py), replaced atomically, throttled
     <run_dir>/previews/*.png  preview images (served by nodes/routes.py)
-    <run_dir>/loss.png        the loss plot (trainer/plot.py)
+    <run_dir>/loss.png        the loss plot (trainer/monitor/plot.py)
 
 ``history.jsonl`` is an append-only log: lines are buffered and written (flush + fsync) at least every
 ``flush_interval`` seconds (2 s), on every mark, on every non-training progress payload, and on close. A crash loses
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import atomic
+from ..files import atomic
 from .events import finite_or_none
 
 HISTORY_FILE = "history.jsonl"

@@ -11,7 +11,8 @@ from typing import Iterable
 
 import torch
 
-from .config import ConfigError, OptimizerConfig
+from ..config import OptimizerConfig
+from ..errors import ConfigError
 from .schedules import check_choice
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor", "sgd")

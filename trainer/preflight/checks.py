@@ -2,7 +2,7 @@
 
 ``preflight(host, cfg, dataset_cfg, bucket_cfg, latent_channels_from_vae=..., output_dir=..., cache_dir=...)``
 returns a list of :class:`Problem` (empty when everything is fine); :func:`raise_problems` raises ONE
-:class:`~trainer.host.TrainingError` that lists every error, so a user fixes them all in one go instead of meeting
+:class:`~trainer.hosts.base.TrainingError` that lists every error, so a user fixes them all in one go instead of meeting
 them one traceback at a time. Each problem names the setting and says how to fix it. Checks are cheap: nothing here
 trains, reads images or loads files bigger than a resume folder's meta.json; the model is only asked for its
 adapter targets and to encode one empty caption.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import BucketConfig, DatasetConfig, TrainConfig
-from .host import TrainingError
+from ..config import BucketConfig, DatasetConfig, TrainConfig
+from ..errors import TrainingError
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
@@ -71,10 +71,10 @@ def raise_problems(problems: Sequence[Problem]) -> list[Problem]:
 # ============================================================================================== choice lists
 def _choices() -> dict[str, tuple[str, ...]]:
     """The valid names, from the modules that implement them."""
-    from .objectives import LOSSES
-    from .optim import OPTIMIZERS, SCHEDULERS
-    from .schedules import TIMESTEP_SAMPLINGS
-    from .targets import PRESETS
+    from ..adapters.targets import PRESETS
+    from ..training.objectives import LOSSES
+    from ..training.optim import OPTIMIZERS, SCHEDULERS
+    from ..training.schedules import TIMESTEP_SAMPLINGS
 
     return {
         "optimizer.name": tuple(OPTIMIZERS), "optimizer.scheduler": tuple(SCHEDULERS),
@@ -164,7 +164,7 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
 
     # --- objective numbers (the objective module's own messages) ---
     try:
-        from .objectives import validate_objective
+        from ..training.objectives import validate_objective
 
         validate_objective(cfg.objective)
     except ImportError:
@@ -284,8 +284,8 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
         problems.append(Problem("network.preset", f"{net.preset!r} finds no layer to train in this model",
                                 "choose 'transformer' (or 'full')"))
         return problems
+    from ..adapters.targets import is_conv3x3
     from .memory import target_dims, target_rank
-    from .targets import is_conv3x3
 
     too_big: dict[str, list[tuple[str, int, int, int]]] = {}
     for t in targets:
@@ -306,7 +306,7 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
 
 def _image_extensions() -> tuple[str, ...]:
     try:
-        from .images import IMAGE_EXTENSIONS
+        from ..data.images import IMAGE_EXTENSIONS
 
         return tuple(sorted(IMAGE_EXTENSIONS))
     except Exception:  # noqa: BLE001
@@ -335,7 +335,7 @@ def check_dataset(dataset_cfg: Optional[DatasetConfig]) -> tuple[list[Problem], 
     folder = dataset_cfg.folder
     fix_folder = "set dataset.folder to a folder of images (with .txt captions next to them)"
     try:
-        from .dataset import _existing_folder
+        from ..data.dataset import _existing_folder
 
         root = _existing_folder(folder)
     except ImportError:
@@ -461,7 +461,7 @@ def check_folders(host, cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], ou
 def check_resume(host, cfg: TrainConfig, resume_dir) -> list[Problem]:
     if resume_dir is None or str(resume_dir).strip() == "":
         return []
-    from .state import check_compatible, latest_snapshot
+    from ..training.state import check_compatible, latest_snapshot
 
     folder = Path(resume_dir).expanduser()
     if not folder.is_dir():
@@ -479,7 +479,7 @@ def check_resume(host, cfg: TrainConfig, resume_dir) -> list[Problem]:
         return [Problem("resume_from", f"'{snapshot}' is damaged ({e})",
                         "delete that snapshot folder to resume from the one before it")]
     try:
-        from .loop import resume_digest
+        from ..training.loop import resume_digest
 
         digest = resume_digest(cfg)
     except Exception:  # noqa: BLE001 - without the loop module only the model can be compared

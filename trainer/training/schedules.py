@@ -17,7 +17,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from .config import ConfigError, ObjectiveConfig
+from ..config import ObjectiveConfig
+from ..errors import ConfigError
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 # diffusers spells prediction types differently; accept both so hosts can pass scheduler configs through.

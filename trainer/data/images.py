@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .host import TrainingError
+from ..errors import TrainingError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 ORIENTATION_TAG = 0x0112

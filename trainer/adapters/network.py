@@ -20,8 +20,9 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, NetworkConfig
-from .host import AdapterTarget, TrainingError
+from ..config import NetworkConfig
+from ..errors import ConfigError, TrainingError
+from ..hosts.base import AdapterTarget
 
 COMPONENT_ORDER = ("unet", "te", "te1", "te2")
 

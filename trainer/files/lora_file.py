@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from ..config import TrainConfig
+from ..errors import TrainingError
 from .atomic import write_with
-from .config import TrainConfig
-from .host import TrainingError
 
 if TYPE_CHECKING:  # torch is imported where it is used
     import torch

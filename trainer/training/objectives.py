@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ObjectiveConfig
+from ..config import ObjectiveConfig
+from ..errors import ConfigError
 from .schedules import TIMESTEP_SAMPLINGS, check_choice
 
 if TYPE_CHECKING:

@@ -16,16 +16,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..adapters.network import LoRANetwork
+from ..config import DatasetConfig, TrainConfig
+from ..data.batching import BatchSampler
+from ..data.captions import build_caption
+from ..data.text import TextEmbeddings
+from ..errors import TrainingError, TrainingInterrupted
+from ..hosts.base import Conditioning
 from . import objectives
-from .batching import BatchSampler
-from .captions import build_caption
-from .config import DatasetConfig, TrainConfig
 from .ema import AdapterEMA
-from .host import Conditioning, TrainingError, TrainingInterrupted
-from .network import LoRANetwork
 from .optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from .state import RngState, check_compatible, latest_snapshot, load_snapshot, save_snapshot
-from .text import TextEmbeddings
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,7 +86,7 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
     targets = host.adapter_targets(net_cfg.preset, net_cfg.conv_rank > 0, net_cfg.train_text_encoder)
     network = LoRANetwork(targets, net_cfg, device=device, generator=torch.Generator().manual_seed(cfg.seed))
     if net_cfg.init_from:
-        from .lora_file import load_lora
+        from ..files.lora_file import load_lora
 
         network.load_kohya_state_dict(load_lora(net_cfg.init_from)[0])
     opt_cfg = cfg.optimizer
@@ -261,7 +262,7 @@ def compute_loss(host, x0: torch.Tensor, cond: Conditioning, cfg: TrainConfig, g
 
 
 def _run_preview(hooks: Hooks, step: int, network: LoRANetwork, runlog, reporter) -> None:
-    from .events import preview_url
+    from ..monitor.events import preview_url
 
     network.eval()
     try:

@@ -12,8 +12,8 @@ What is counted (bytes at the training peak, i.e. during the backward pass of th
   resident or are trained; the VAE when it stays resident (``resident_encoders``).
 * LoRA adapters, fp32: for every ``host.adapter_targets(...)`` module ``rank * (in + out)`` parameters (Linear),
   ``rank * in * kh * kw + out * rank`` (Conv2d; 3x3 convs use ``conv_rank`` when it is > 0, else ``rank``, as
-  trainer/network.py does). Gradients: the same again (fp32). EMA: the same again when ``ema_decay > 0``.
-* optimizer state: ``trainer.optim.optimizer_state_bytes`` when it is importable, else :data:`OPTIMIZER_STATE`
+  trainer/adapters/network.py does). Gradients: the same again (fp32). EMA: the same again when ``ema_decay > 0``.
+* optimizer state: ``trainer.training.optim.optimizer_state_bytes`` when it is importable, else :data:`OPTIMIZER_STATE`
   (AdamW two fp32 moments = 8 B/param; 8-bit AdamW two uint8 moments + one fp32 absmax per 256 values;
   Lion 8-bit one; Adafactor factored row/col second moment; SGD one fp32 momentum buffer, none without momentum).
 * activations: see "The activation model" below.
@@ -55,7 +55,7 @@ trace of ``host.text_forward`` at batch 1 and 2.
 The peak is then ``activations = ACTIVATION_PEAK_FACTOR * saved`` plus the device's overheads (framework, above).
 Calibration, CPU, fp32, diffusers UNet2DConditionModel built at random in the SD1.5 layout at 0.3x width (blocks
 96/192/384/384, 81 M parameters with 768-wide cross-attention; 76 M in bench/memory.py, whose text encoder is 32
-wide), rank 16 "transformer" preset, AdamW, steps of ``trainer.loop.train`` or an equivalent forward/backward/AdamW:
+wide), rank 16 "transformer" preset, AdamW, steps of ``trainer.training.loop.train`` or an equivalent forward/backward/AdamW:
 
 * live tensor memory, measured as the peak-RSS rise of a step run with ``MALLOC_MMAP_THRESHOLD_=16384`` (every
   allocation its own mapping, unmapped on free, so RSS follows live bytes), against the traced saved bytes:
@@ -92,12 +92,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
+from ..errors import TrainingError
 from .activation_trace import (  # noqa: F401 - re-exported: part of this module's API
-    _release_heap,
-    ActivationFit,
     FALLBACK_CHECKPOINT_RATIO,
     OPTIMIZER_STATE,
     TRACE_SIDES,
+    ActivationFit,
+    _release_heap,
     adapter_param_count,
     adapter_shapes,
     module_bytes,
@@ -107,7 +108,6 @@ from .activation_trace import (  # noqa: F401 - re-exported: part of this module
     trace_denoiser,
     trace_text_encoders,
 )
-from .host import TrainingError
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -249,7 +249,7 @@ class _Plan:
 
 def _largest_bucket(buckets) -> tuple[int, int]:
     """(width, height) of the largest-area bucket: a BucketConfig, a list of (w, h), or an int resolution."""
-    from .config import BucketConfig
+    from ..config import BucketConfig
 
     if buckets is None:
         buckets = BucketConfig()
@@ -258,7 +258,7 @@ def _largest_bucket(buckets) -> tuple[int, int]:
     if isinstance(buckets, BucketConfig):
         sizes: list[tuple[int, int]] = []
         try:
-            from .buckets import make_buckets
+            from ..data.buckets import make_buckets
 
             for res in buckets.resolutions:
                 sizes += [tuple(b) for b in make_buckets(res, buckets.min_bucket, buckets.max_bucket, buckets.step)]

@@ -9,7 +9,7 @@ Conventions shared by every host:
 * Images given to :meth:`Host.encode_images` are float32 ``(B, H, W, 3)`` in ``[0, 1]`` (ComfyUI's IMAGE layout).
   The result is the *unscaled* latent distribution mean ``(B, C, H/8, W/8)`` in float32, as ComfyUI's VAE returns it.
 * :meth:`Host.scale_latents` maps an unscaled latent into the space the denoiser trains in (``x * scale + shift``).
-* Timesteps are in the schedule's own unit (see ``trainer/schedules.py``): integer indices ``0..999`` for
+* Timesteps are in the schedule's own unit (see ``trainer/training/schedules.py``): integer indices ``0..999`` for
   discrete (eps / v) schedules, sigma in ``[0, 1]`` for flow schedules. The host converts them to whatever its
   denoiser expects.
 * :meth:`Host.predict` returns the model output in the model's *own* parameterization (eps, v or flow velocity).
@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
-if TYPE_CHECKING:  # keep `import trainer.host` free of torch for start-up cost
+if TYPE_CHECKING:  # keep `import trainer.hosts.base` free of torch for start-up cost
     import torch
     from torch import nn
 
-    from .schedules import NoiseSchedule
+    from ..training.schedules import NoiseSchedule
 
 
 @dataclass
@@ -99,11 +99,3 @@ class Host(Protocol):
 
     def check_interrupt(self) -> None:
         """Raise :class:`TrainingInterrupted` when the user asked to stop."""
-
-
-class TrainingInterrupted(Exception):
-    """Raised by a host when the user pressed Stop. The loop saves a resumable state before re-raising."""
-
-
-class TrainingError(Exception):
-    """A failure with a message meant for the user (names the setting or file and the fix)."""

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from ..config import DatasetConfig
+from ..errors import TrainingError
 from .captions import insert_trigger, read_caption_file
-from .config import DatasetConfig
-from .host import TrainingError
 from .images import IMAGE_EXTENSIONS, ImageReadError, check_image
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
