@@ -159,7 +159,7 @@ class Bench:
     def config(self, preset: str, steps: int):
         return pack("trainer.config").TrainConfig.from_dict({
             "steps": steps, "batch_size": 1, "seed": 0, "save_every": 0, "gradient_checkpointing": True,
-            "network": {"rank": RANK, "alpha": RANK, "preset": preset},
+            "network": {"rank": RANK, "alpha": RANK, "targets": preset},
             "optimizer": {"name": "adamw", "learning_rate": LR, "scheduler": "constant"}})
 
     def ours(self, preset: str, steps: int = WARMUP + TIMED):

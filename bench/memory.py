@@ -77,7 +77,7 @@ def child(spec: dict) -> dict:
     cfg = TrainConfig.from_dict({
         "steps": STEPS, "batch_size": batch, "seed": 0, "save_every": 0, "keep_last": 1,
         "mixed_precision": spec["mp"], "gradient_checkpointing": spec["ckpt"],
-        "network": {"rank": spec["rank"], "alpha": spec["rank"], "preset": spec["preset"],
+        "network": {"rank": spec["rank"], "alpha": spec["rank"], "targets": spec["preset"],
                     "conv_rank": spec["rank"] // 2 if spec["preset"] == "full" else 0},
         "optimizer": {"name": spec["optimizer"], "learning_rate": 1e-4, "scheduler": "constant"}})
     gen = torch.Generator().manual_seed(0)

@@ -53,7 +53,7 @@ def config():
     from trainer.config import TrainConfig
 
     return TrainConfig.from_dict({"steps": STEPS, "batch_size": BATCH, "seed": 0, "save_every": 0,
-                                  "network": {"rank": 16, "alpha": 16, "preset": "transformer"},
+                                  "network": {"rank": 16, "alpha": 16, "targets": "transformer"},
                                   "optimizer": {"learning_rate": 1e-4, "scheduler": "cosine", "warmup_steps": 2}})
 
 

@@ -60,7 +60,7 @@ class ComfyHost:
             return {"te": model.clip_l.transformer}
         return {"te1": model.clip_l.transformer, "te2": model.clip_g.transformer}
 
-    def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
+    def adapter_targets(self, target_set: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
         from ..trainer.adapters.targets import unet_targets
 
         ldm_to_diffusers = None
@@ -70,7 +70,7 @@ class ComfyHost:
             mapping = comfy.utils.unet_to_diffusers(self.base.model_config.unet_config)
             ldm_to_diffusers = {ldm[: -len(".weight")]: diff[: -len(".weight")]
                                 for diff, ldm in mapping.items() if diff.endswith(".weight")}
-        targets = unet_targets(self.unet, self.family, preset, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
+        targets = unet_targets(self.unet, self.family, target_set, scheme="ldm", ldm_to_diffusers=ldm_to_diffusers)
         if text_encoder:
             from ..trainer.adapters.targets import all_text_encoder_targets
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..trainer import choices
 from .types import CATEGORY, Latents, TrainConfig
-
-OPTIMIZERS = ["adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"]
-SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
 
 def _lora_files() -> list[str]:
@@ -43,14 +41,14 @@ class ConfigureLoRA(io.ComfyNode):
                                "(kohya's default). full: also resnet and up/down-sampling convs (LoCon)."),
                 io.Int.Input("conv_rank", default=0, min=0, max=256, tooltip="Rank of the 3x3 conv adapters used by "
                              "'full'. 0 = same as rank."),
-                io.Combo.Input("optimizer", options=OPTIMIZERS, default="adamw", tooltip="adamw: reliable default. "
+                io.Combo.Input("optimizer", options=list(choices.OPTIMIZERS), default="adamw", tooltip="adamw: reliable default. "
                                "adamw8bit / lion8bit: less memory, need bitsandbytes and a CUDA GPU. adafactor: "
                                "smallest state, works everywhere. sgd: plain momentum."),
                 io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5, round=False,
                                tooltip="Peak learning rate for the UNet adapters. 1e-4 for AdamW at alpha = rank."),
                 io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-5, round=False,
                                tooltip="Learning rate for text-encoder adapters. 0 = same as learning_rate."),
-                io.Combo.Input("scheduler", options=SCHEDULERS, default="constant_with_warmup",
+                io.Combo.Input("scheduler", options=list(choices.SCHEDULERS), default="constant_with_warmup",
                                tooltip="How the learning rate changes over the run (after warmup)."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000,
                              tooltip="Steps to ramp the learning rate up from 0."),
@@ -118,7 +116,7 @@ class ConfigureLoRA(io.ComfyNode):
         config = Config(
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, ema_decay=ema_decay,
             clip_skip=clip_skip,
-            network=NetworkConfig(rank=rank, alpha=alpha, dropout=dropout, preset=targets, conv_rank=conv_rank,
+            network=NetworkConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, conv_rank=conv_rank,
                                   conv_alpha=alpha if conv_rank == 0 else min(alpha, float(conv_rank)),
                                   train_text_encoder=train_text_encoder, init_from=init_from),
             optimizer=OptimizerConfig(name=optimizer, learning_rate=learning_rate,

@@ -265,8 +265,8 @@ def test_diffusers_ldm_round_trip_for_every_module(tiny, family):
         assert diffusers_to_ldm("add_embedding.linear_1", blocks) == "label_emb.0.0"
 
 
-def test_unknown_preset_or_family_is_a_clear_error(tiny):
-    with pytest.raises(ValueError, match="unknown network preset 'everything'"):
+def test_unknown_targets_or_family_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="unknown network targets 'everything'"):
         unet_targets(tiny["sd15"], "sd15", "everything")
     with pytest.raises(ValueError, match="family 'flux'"):
         unet_targets(tiny["sd15"], "flux", "transformer")

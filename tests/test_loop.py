@@ -16,7 +16,7 @@ GRID = [100, 300, 500, 700, 900]
 
 def config(**overrides) -> TrainConfig:
     data = {"steps": 40, "batch_size": 2, "seed": 0,
-            "network": {"rank": 8, "alpha": 8, "preset": "full"},
+            "network": {"rank": 8, "alpha": 8, "targets": "full"},
             "optimizer": {"learning_rate": 3e-3, "scheduler": "constant", "weight_decay": 0.0},
             "objective": {"min_snr_gamma": 0.0}}
     for key, value in overrides.items():

@@ -60,7 +60,7 @@ def test_saved_file_loads_in_diffusers_with_the_same_effect(tmp_path, family):
     targets = unet_targets(pipe.unet, family, "full")  # superset of the default preset, plus 3x3 LoCon convs
     for encoder, prefix in zip(encoders, prefixes):
         targets += text_encoder_targets(encoder, prefix)
-    network = LoRANetwork(targets, NetworkConfig(rank=4, alpha=2, preset="full", conv_rank=2, conv_alpha=3))
+    network = LoRANetwork(targets, NetworkConfig(rank=4, alpha=2, targets="full", conv_rank=2, conv_alpha=3))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for lora in network.lora_modules().values():
@@ -104,7 +104,7 @@ def small_state_dict():
 
 def full_config():
     return TrainConfig(steps=1200, batch_size=2, seed=7, mixed_precision="bf16", gradient_checkpointing=True,
-                       network=NetworkConfig(rank=8, alpha=4, preset="full", conv_rank=4, conv_alpha=2,
+                       network=NetworkConfig(rank=8, alpha=4, targets="full", conv_rank=4, conv_alpha=2,
                                              train_text_encoder=True),
                        optimizer=OptimizerConfig(learning_rate=2e-4, text_encoder_lr=5e-5, warmup_steps=50),
                        objective=ObjectiveConfig(min_snr_gamma=5.0, noise_offset=0.05, loss="huber"))
@@ -132,7 +132,7 @@ def test_metadata_is_kohya_compatible_strings_with_our_config():
         "modelspec.trigger_phrase": "ohwx style", "modelspec.description": "test run", "custom": '{"a": 1}',
     }
     assert {k: meta.get(k) for k in expected} == expected
-    assert json.loads(meta["ss_network_args"]) == {"preset": "full", "conv_dim": "4", "conv_alpha": "2"}
+    assert json.loads(meta["ss_network_args"]) == {"targets": "full", "conv_dim": "4", "conv_alpha": "2"}
     assert json.loads(meta["ss_bucket_info"])["buckets"]["0"]["count"] == 12
     assert json.loads(meta["ss_tag_frequency"]) == {"img": {"ohwx": 12}}
     assert meta["modelspec.date"].startswith("2023-11-1")
@@ -143,7 +143,7 @@ def test_metadata_is_kohya_compatible_strings_with_our_config():
     assert plain["ss_base_model_version"] == "sd_v1" and plain["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert plain["modelspec.prediction_type"] == "epsilon" and plain["modelspec.resolution"] == "512x512"
     assert plain["ss_loss_type"] == "l2" and plain["ss_min_snr_gamma"] == "None" and plain["ss_text_encoder_lr"] == "0.0"
-    assert json.loads(plain["ss_network_args"]) == {"preset": "transformer"}
+    assert json.loads(plain["ss_network_args"]) == {"targets": "transformer"}
     assert "ss_training_started_at" not in plain and "modelspec.trigger_phrase" not in plain
 
 
@@ -221,12 +221,12 @@ def test_network_round_trip_through_a_file(tmp_path):
 
     targets = [AdapterTarget("lora_unet_l", nn.Linear(8, 6), "unet"),
                AdapterTarget("lora_unet_c", nn.Conv2d(3, 5, 3, padding=1), "unet")]
-    network = LoRANetwork(targets, NetworkConfig(rank=2, alpha=1, preset="full"))
+    network = LoRANetwork(targets, NetworkConfig(rank=2, alpha=1, targets="full"))
     with torch.no_grad():
         for p in network.parameters():
             p.normal_()
     path = save_lora(tmp_path / "n.safetensors", network.kohya_state_dict(), {}, dtype="fp32")
-    other = LoRANetwork(targets, NetworkConfig(rank=2, alpha=1, preset="full"))
+    other = LoRANetwork(targets, NetworkConfig(rank=2, alpha=1, targets="full"))
     other.load_kohya_state_dict(load_lora(path)[0])
     for name in ("lora_unet_l", "lora_unet_c"):
         assert torch.equal(other.merged_delta(name), network.merged_delta(name))

@@ -42,7 +42,7 @@ def full_network(unet, te=None, **cfg):
     targets = unet_targets(unet, "sd15", "full")
     if te is not None:
         targets += text_encoder_targets(te, "lora_te")
-    cfg = {"rank": 4, "alpha": 2, "preset": "full", "conv_rank": 2, "conv_alpha": 1, **cfg}
+    cfg = {"rank": 4, "alpha": 2, "targets": "full", "conv_rank": 2, "conv_alpha": 1, **cfg}
     return LoRANetwork(targets, NetworkConfig(**cfg))
 
 

@@ -64,7 +64,7 @@ def test_good_settings_pass(host, tmp_path, dataset):
     ({"objective": {"loss": "mae"}}, "objective.loss", "huber"),
     ({"objective": {"timestep_sampling": "sigmoid"}}, "objective.timestep_sampling", "logit_normal"),
     ({"mixed_precision": "fp8"}, "mixed_precision", "bf16"),
-    ({"network": {"preset": "everything"}}, "network.preset", "transformer"),
+    ({"network": {"targets": "everything"}}, "network.targets", "transformer"),
     ({"output_dtype": "int8"}, "output_dtype", "fp16"),
 ])
 def test_unknown_names_list_the_choices(host, tmp_path, changes, setting, bad):
@@ -145,7 +145,7 @@ def test_rank_larger_than_a_layer(host, tmp_path):
     p = only(run(host, tmp_path, cfg=cfg_with(network={"rank": 48})), "network.rank")
     assert "48 is larger than" in p.message and "lora_unet_" in p.message and "(in 32, out" in p.message
     assert "lower network.rank to 32" in p.fix
-    p = only(run(host, tmp_path, cfg=cfg_with(network={"rank": 4, "conv_rank": 400, "preset": "full"})),
+    p = only(run(host, tmp_path, cfg=cfg_with(network={"rank": 4, "conv_rank": 400, "targets": "full"})),
              "network.conv_rank")
     assert "400 is larger than" in p.message and "network.conv_rank" in p.fix
 

@@ -43,8 +43,8 @@ class NetworkConfig:
     rank: int = 16
     alpha: float = 16.0  # scale = alpha / rank; alpha == rank -> scale 1
     dropout: float = 0.0
-    preset: str = "transformer"  # "attention" | "transformer" | "full"
-    conv_rank: int = 0  # rank of the 3x3 conv (LoCon) adapters that preset "full" adds; 0 = same as rank
+    targets: str = "transformer"  # which layers carry adapters: "attention" | "transformer" | "full"
+    conv_rank: int = 0  # rank of the 3x3 conv (LoCon) adapters that targets "full" adds; 0 = same as rank
     conv_alpha: float = 1.0  # used with conv_rank > 0
     train_text_encoder: bool = False
     init_from: str = ""  # an existing LoRA file to continue training
@@ -107,11 +107,17 @@ class TrainConfig:
         return _build(cls, data, "")
 
 
+RENAMED = {"network.preset": "network.targets"}  # old config files get told the new name
+
+
 def _build(kind, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"setting '{where or 'config'}' must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - set(fields))
+    renamed = [(where + k, RENAMED[where + k]) for k in unknown if where + k in RENAMED]
+    if renamed:
+        raise ConfigError("; ".join(f"setting {old} is now called {new}" for old, new in renamed))
     if unknown:
         raise ConfigError(
             f"unknown setting(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(fields))}"

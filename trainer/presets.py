@@ -9,15 +9,15 @@ from .errors import ConfigError
 PRESETS: dict[str, dict] = {
     "custom": {},
     # A person or object: attention + feed-forward of transformer blocks, moderate rank, min-SNR for stability.
-    "character": {"network": {"rank": 16, "alpha": 16, "preset": "transformer"},
+    "character": {"network": {"rank": 16, "alpha": 16, "targets": "transformer"},
                   "optimizer": {"name": "adamw", "learning_rate": 1e-4, "scheduler": "cosine", "warmup_steps": 50},
                   "objective": {"min_snr_gamma": 5.0}},
     # A look: also the resnet convs (LoCon), where texture and colour live.
-    "style": {"network": {"rank": 32, "alpha": 16, "preset": "full", "conv_rank": 16, "conv_alpha": 8},
+    "style": {"network": {"rank": 32, "alpha": 16, "targets": "full", "conv_rank": 16, "conv_alpha": 8},
               "optimizer": {"name": "adamw", "learning_rate": 1e-4, "scheduler": "cosine", "warmup_steps": 50},
               "objective": {"min_snr_gamma": 5.0}},
     # Smallest footprint that still trains well: factored optimizer state, recomputed activations, bf16.
-    "low memory": {"network": {"rank": 8, "alpha": 8, "preset": "attention"},
+    "low memory": {"network": {"rank": 8, "alpha": 8, "targets": "attention"},
                    "optimizer": {"name": "adafactor", "learning_rate": 2e-4},
                    "gradient_checkpointing": True, "mixed_precision": "bf16"},
 }
@@ -39,7 +39,7 @@ def describe(config: TrainConfig) -> str:
     """A compact, readable summary of the effective settings (shown on the Configure LoRA node)."""
     n, o, j = config.network, config.optimizer, config.objective
     lines = [
-        f"network: LoRA rank {n.rank}, alpha {n.alpha:g} (scale {n.alpha / n.rank:.3g}), targets '{n.preset}'"
+        f"network: LoRA rank {n.rank}, alpha {n.alpha:g} (scale {n.alpha / n.rank:.3g}), targets '{n.targets}'"
         + (f", conv rank {n.conv_rank}" if n.conv_rank else "") + (", + text encoder" if n.train_text_encoder else ""),
         f"optimizer: {o.name}, lr {o.learning_rate:g}"
         + (f" (text encoder {o.text_encoder_lr:g})" if o.text_encoder_lr is not None else "")

@@ -114,8 +114,8 @@ class LoRANetwork(nn.Module):
     def _build(self, targets, config, dtype, device, generator, multiplier) -> None:
         self.config = config or NetworkConfig()
         if not targets:
-            raise ConfigError(f"no modules to train for network.preset='{self.config.preset}': the model has none "
-                              "of the layers this preset adapts")
+            raise ConfigError(f"no modules to train for network.targets='{self.config.targets}': the model has none "
+                              "of the layers these targets adapt")
         self._targets: dict[str, nn.Module] = {}  # a plain dict: the base model is never a submodule of ours
         self._components: dict[str, str] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -290,7 +290,7 @@ class LoRANetwork(nn.Module):
             if report.missing:
                 parts.append(f"{len(report.missing)} adapter(s) are missing from it (first: {report.missing[0]})")
             raise TrainingError("the LoRA weights do not fit this network: " + "; ".join(parts) + ". They were "
-                                "probably trained for another model or with another network.preset / "
+                                "probably trained for another model or with another network.targets / "
                                 "network.train_text_encoder setting")
         plans = [(name, self._check_shapes(name, tensors)) for name, tensors in grouped.items()]
         for name, (down, up, alpha) in plans:  # everything validated: now change the network

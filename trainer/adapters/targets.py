@@ -1,4 +1,4 @@
-"""Which modules carry adapters (presets, with kohya semantics) and under which kohya name.
+"""Which modules carry adapters (target sets, with kohya semantics) and under which kohya name.
 
 Presets, for a UNet:
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional
 
+from ..choices import TARGET_SETS
 from ..hosts.base import AdapterTarget
 from .kohya_names import DIFFUSERS_CLASSES, LDM_CLASSES, TE_PREFIXES, _kind_of, kohya_name, unet_namer
 
-PRESETS = ("attention", "transformer", "full")
 SCHEMES = {"diffusers": DIFFUSERS_CLASSES, "ldm": LDM_CLASSES}
 
 _ATTENTION_LEAF = re.compile(r"(^|\.)attn\d+\.(to_q|to_k|to_v|to_out\.0)$")
@@ -41,14 +41,14 @@ def is_conv3x3(module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
-def select_unet_modules(root, preset: str, scheme: str = "diffusers",
+def select_unet_modules(root, targets: str, scheme: str = "diffusers",
                         include_conv3x3: bool = True) -> list[tuple[str, Any]]:
-    """(module path, module) pairs for a preset, in module order. Paths are relative to ``root``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown network preset '{preset}' (choose one of: {', '.join(PRESETS)})")
+    """(module path, module) pairs for a target set, in module order. Paths are relative to ``root``."""
+    if targets not in TARGET_SETS:
+        raise ValueError(f"unknown network targets '{targets}' (choose one of: {', '.join(TARGET_SETS)})")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown UNet naming scheme '{scheme}' (use one of: {', '.join(SCHEMES)})")
-    kinds = {"attention"} if preset != "full" else {"attention", "resnet", "down", "up"}
+    kinds = {"attention"} if targets != "full" else {"attention", "resnet", "down", "up"}
     picked: dict[str, Any] = {}
     for path, container in root.named_modules():
         if _kind_of(container, SCHEMES[scheme]) not in kinds:
@@ -57,15 +57,15 @@ def select_unet_modules(root, preset: str, scheme: str = "diffusers",
             full = f"{path}.{child_path}" if path and child_path else (path or child_path)
             if not child_path or full in picked or not _is_adaptable(child):
                 continue
-            if preset == "attention" and not _ATTENTION_LEAF.search(full):
+            if targets == "attention" and not _ATTENTION_LEAF.search(full):
                 continue
-            if is_conv3x3(child) and (preset != "full" or not include_conv3x3):
+            if is_conv3x3(child) and (targets != "full" or not include_conv3x3):
                 continue
             picked[full] = child
     return list(picked.items())
 
 
-def unet_targets(unet, family: str, preset: str, scheme: str = "diffusers",
+def unet_targets(unet, family: str, targets: str, scheme: str = "diffusers",
                  ldm_to_diffusers: Optional[Mapping[str, str]] = None,
                  include_conv3x3: bool = True) -> list[AdapterTarget]:
     """Adapter targets of a UNet under kohya names.
@@ -74,13 +74,13 @@ def unet_targets(unet, family: str, preset: str, scheme: str = "diffusers",
     scheme "ldm": ``unet`` is ComfyUI's ``model.model.diffusion_model``. For SD1.5 the kohya names are diffusers
     paths: pass ComfyUI's ``comfy.utils.unet_to_diffusers(unet_config)`` as ``ldm_to_diffusers`` (either
     orientation is accepted); without it the map is derived from the module tree.
-    ``include_conv3x3=False`` keeps the "full" preset to its Linear and 1x1 convs.
+    ``include_conv3x3=False`` keeps the "full" target set to its Linear and 1x1 convs.
     """
     name_of: Callable[[str], str] = unet_namer(
         family, scheme, config=getattr(unet, "config", None) if scheme == "diffusers" else None,
         ldm_root=unet if scheme == "ldm" else None, ldm_to_diffusers_map=ldm_to_diffusers)
     targets = [AdapterTarget(name_of(path), module, "unet")
-               for path, module in select_unet_modules(unet, preset, scheme, include_conv3x3)]
+               for path, module in select_unet_modules(unet, targets, scheme, include_conv3x3)]
     return _check_unique(targets)
 
 

@@ -155,8 +155,8 @@ def build_metadata(config: TrainConfig, family: str, prediction: str, resolution
     finished = _timestamp(finished_at)
     date = (_dt.datetime.fromtimestamp(finished) if finished is not None else _dt.datetime.now()).astimezone()
 
-    network_args: dict[str, str] = {"preset": net.preset}
-    if net.preset == "full":  # 3x3 convs carry adapters: tell kohya-aware tools their rank/alpha
+    network_args: dict[str, str] = {"targets": net.targets}
+    if net.targets == "full":  # 3x3 convs carry adapters: tell kohya-aware tools their rank/alpha
         conv = net.conv_rank > 0
         network_args["conv_dim"] = str(net.conv_rank if conv else net.rank)
         network_args["conv_alpha"] = str(net.conv_alpha if conv else net.alpha)

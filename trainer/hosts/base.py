@@ -91,8 +91,8 @@ class Host(Protocol):
     def encode_text(self, captions: Sequence[str], clip_skip: int = 1) -> list[dict[str, "torch.Tensor"]]:
         """One dict per caption: {"context": (tokens, width), optionally "pooled": (P,)}, float32 on the CPU."""
 
-    def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        """Modules that may carry adapters for a preset ("attention", "transformer", "full")."""
+    def adapter_targets(self, targets: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
+        """Modules that may carry adapters for a target set ("attention", "transformer", "full")."""
 
     def memory(self) -> MemoryInfo:
         ...

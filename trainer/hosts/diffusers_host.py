@@ -66,10 +66,10 @@ class DiffusersHost:
         names = ["te"] if self.family == "sd15" else ["te1", "te2"]
         return dict(zip(names, self.encoders))
 
-    def adapter_targets(self, preset: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
+    def adapter_targets(self, target_set: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
         from ..adapters.targets import all_text_encoder_targets, unet_targets
 
-        targets = unet_targets(self.unet, self.family, preset, scheme="diffusers")
+        targets = unet_targets(self.unet, self.family, target_set, scheme="diffusers")
         if text_encoder:
             targets += all_text_encoder_targets(self.text_encoders())
         return targets

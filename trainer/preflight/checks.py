@@ -8,7 +8,7 @@ trains, reads images or loads files bigger than a resume folder's meta.json; the
 adapter targets and to encode one empty caption.
 
 Checks (in this order): names of choices (optimizer, scheduler, loss, timestep sampling, mixed precision, network
-preset, output dtype, bucket crop), numbers (steps, batch size, gradient accumulation, saving, learning rates,
+targets, output dtype, bucket crop), numbers (steps, batch size, gradient accumulation, saving, learning rates,
 ranks, alpha, dropout, the LoRA to continue from, objective values), mixed precision vs the device, buckets (step, resolutions, min/max),
 the model (VAE latent channels, text-context width, text encoder presence, rank vs every target layer), the
 dataset folder, the output and cache folders (writable, free disk), and the resume folder (same model, same
@@ -24,12 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..choices import (
+    CROPS,
+    LOSSES,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    OUTPUT_DTYPES,
+    SCHEDULERS,
+    TARGET_SETS,
+    TIMESTEP_SAMPLINGS,
+)
 from ..config import BucketConfig, DatasetConfig, TrainConfig
 from ..errors import TrainingError
 
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
-CROPS = ("center", "random")
 LATENT_FACTOR = 8
 IMAGE_EXTENSIONS_FALLBACK = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DISK_MARGIN = 0.10  # want 10 % more free disk than the outputs are estimated to take
@@ -71,15 +78,10 @@ def raise_problems(problems: Sequence[Problem]) -> list[Problem]:
 # ============================================================================================== choice lists
 def _choices() -> dict[str, tuple[str, ...]]:
     """The valid names, from the modules that implement them."""
-    from ..adapters.targets import PRESETS
-    from ..training.objectives import LOSSES
-    from ..training.optim import OPTIMIZERS, SCHEDULERS
-    from ..training.schedules import TIMESTEP_SAMPLINGS
-
     return {
         "optimizer.name": tuple(OPTIMIZERS), "optimizer.scheduler": tuple(SCHEDULERS),
         "objective.loss": tuple(LOSSES), "objective.timestep_sampling": tuple(TIMESTEP_SAMPLINGS),
-        "network.preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS, "output_dtype": OUTPUT_DTYPES,
+        "network.targets": tuple(TARGET_SETS), "mixed_precision": MIXED_PRECISIONS, "output_dtype": OUTPUT_DTYPES,
         "buckets.crop": CROPS,
     }
 
@@ -104,7 +106,7 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
     named = {
         "optimizer.name": cfg.optimizer.name, "optimizer.scheduler": cfg.optimizer.scheduler,
         "objective.loss": cfg.objective.loss, "objective.timestep_sampling": cfg.objective.timestep_sampling,
-        "mixed_precision": cfg.mixed_precision, "network.preset": cfg.network.preset,
+        "mixed_precision": cfg.mixed_precision, "network.targets": cfg.network.targets,
         "output_dtype": cfg.output_dtype,
     }
     if bucket_cfg is not None:
@@ -269,19 +271,19 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
         if not encoders:
             problems.append(Problem("network.train_text_encoder", "it is on but no text encoder is available",
                                     "connect the CLIP, or turn train_text_encoder off"))
-    if _bad_int(net.rank, 1) or _bad_int(net.conv_rank, 0) or net.preset not in _choices()["network.preset"]:
+    if _bad_int(net.rank, 1) or _bad_int(net.conv_rank, 0) or net.targets not in _choices()["network.targets"]:
         return problems  # already reported; targets would only repeat it
     try:
-        targets = host.adapter_targets(net.preset, net.conv_rank > 0, net.train_text_encoder)
+        targets = host.adapter_targets(net.targets, net.conv_rank > 0, net.train_text_encoder)
     except TrainingError as e:
         problems.append(Problem("network", str(e).rstrip("."), "see the message"))
         return problems
     except Exception as e:  # noqa: BLE001
-        problems.append(Problem("network.preset", f"the model's adapter targets cannot be listed ({e})",
-                                f"choose another preset ({', '.join(_choices()['network.preset'])})"))
+        problems.append(Problem("network.targets", f"the model's adapter targets cannot be listed ({e})",
+                                f"choose other targets ({', '.join(_choices()['network.targets'])})"))
         return problems
     if not targets:
-        problems.append(Problem("network.preset", f"{net.preset!r} finds no layer to train in this model",
+        problems.append(Problem("network.targets", f"{net.targets!r} finds no layer to train in this model",
                                 "choose 'transformer' (or 'full')"))
         return problems
     from ..adapters.targets import is_conv3x3
@@ -300,7 +302,7 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
         named = "; ".join(f"{n} (in {i}, out {o})" for n, i, o, _ in layers[:MAX_LISTED])
         more = f"; and {len(layers) - MAX_LISTED} more" if len(layers) > MAX_LISTED else ""
         problems.append(Problem(setting, f"{rank} is larger than {len(layers)} target layer(s) allow: {named}{more}",
-                                f"lower {setting} to {limit} or less, or choose a preset without these layers"))
+                                f"lower {setting} to {limit} or less, or choose targets without these layers"))
     return problems
 
 
@@ -393,7 +395,7 @@ def output_bytes(host, cfg: TrainConfig) -> dict[str, int]:
 
     net = cfg.network
     try:
-        targets = host.adapter_targets(net.preset, net.conv_rank > 0, net.train_text_encoder)
+        targets = host.adapter_targets(net.targets, net.conv_rank > 0, net.train_text_encoder)
     except Exception:  # noqa: BLE001 - already reported by check_model
         return {}
     n = 0

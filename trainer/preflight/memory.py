@@ -55,7 +55,7 @@ trace of ``host.text_forward`` at batch 1 and 2.
 The peak is then ``activations = ACTIVATION_PEAK_FACTOR * saved`` plus the device's overheads (framework, above).
 Calibration, CPU, fp32, diffusers UNet2DConditionModel built at random in the SD1.5 layout at 0.3x width (blocks
 96/192/384/384, 81 M parameters with 768-wide cross-attention; 76 M in bench/memory.py, whose text encoder is 32
-wide), rank 16 "transformer" preset, AdamW, steps of ``trainer.training.loop.train`` or an equivalent forward/backward/AdamW:
+wide), rank 16 "transformer" targets, AdamW, steps of ``trainer.training.loop.train`` or an equivalent forward/backward/AdamW:
 
 * live tensor memory, measured as the peak-RSS rise of a step run with ``MALLOC_MMAP_THRESHOLD_=16384`` (every
   allocation its own mapping, unmapped on free, so RSS follows live bytes), against the traced saved bytes:
@@ -355,7 +355,7 @@ class _Context:
         self.is_cpu = self.device.type == "cpu"
         self.mem = host.memory()
         net = cfg.network
-        targets = list(host.adapter_targets(net.preset, net.conv_rank > 0, net.train_text_encoder))
+        targets = list(host.adapter_targets(net.targets, net.conv_rank > 0, net.train_text_encoder))
         self.unet_targets = [t for t in targets if t.component == "unet"]
         self.te_targets = [t for t in targets if t.component != "unet"]
         self.notes: list[str] = []
@@ -551,7 +551,7 @@ class _Context:
         settings = {
             "largest_bucket": f"{w}x{h}", "latent_pixels": int(plan.pixels), "batch_size": plan.batch,
             "rank": max(1, int(round(cfg.network.rank * plan.rank_scale))),
-            "conv_rank": cfg.network.conv_rank, "preset": cfg.network.preset, "adapter_params": n_adapter,
+            "conv_rank": cfg.network.conv_rank, "targets": cfg.network.targets, "adapter_params": n_adapter,
             "adapter_targets": len(self.unet_targets) + (len(self.te_targets) if plan.train_text_encoder else 0),
             "optimizer": plan.optimizer, "mixed_precision": plan.mixed_precision,
             "gradient_checkpointing": plan.checkpointing, "weights": "fp8" if plan.fp8_weights else

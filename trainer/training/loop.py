@@ -83,7 +83,7 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
 
     # --- the adapter network, optimizer, schedule -----------------------------------------------------------
     net_cfg = cfg.network
-    targets = host.adapter_targets(net_cfg.preset, net_cfg.conv_rank > 0, net_cfg.train_text_encoder)
+    targets = host.adapter_targets(net_cfg.targets, net_cfg.conv_rank > 0, net_cfg.train_text_encoder)
     network = LoRANetwork(targets, net_cfg, device=device, generator=torch.Generator().manual_seed(cfg.seed))
     if net_cfg.init_from:
         from ..files.lora_file import load_lora

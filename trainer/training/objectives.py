@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+from ..choices import LOSSES, TIMESTEP_SAMPLINGS
 from ..config import ObjectiveConfig
 from ..errors import ConfigError
-from .schedules import TIMESTEP_SAMPLINGS, check_choice
+from .schedules import check_choice
 
 if TYPE_CHECKING:
     from .schedules import NoiseSchedule
 
-LOSSES = ("mse", "huber", "l1")
 REDUCTIONS = ("mean", "none")
 SNR_FLOOR = 1e-8  # zero-terminal-SNR schedules reach SNR 0 at the last step; keep the eps weight finite there
 

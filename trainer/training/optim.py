@@ -11,12 +11,11 @@ from typing import Iterable
 
 import torch
 
+from ..choices import OPTIMIZERS, SCHEDULERS
 from ..config import OptimizerConfig
 from ..errors import ConfigError
 from .schedules import check_choice
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor", "sgd")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 EIGHT_BIT_CLASSES = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit"}
 BNB_BLOCK = 256  # bitsandbytes quantizes optimizer state in blocks of 256 values with one fp32 absmax each
 BNB_PROBE_NUMEL = 4096  # bitsandbytes keeps 32-bit state below this size; probe with a tensor that gets 8-bit

@@ -17,10 +17,10 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..choices import TIMESTEP_SAMPLINGS
 from ..config import ObjectiveConfig
 from ..errors import ConfigError
 
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 # diffusers spells prediction types differently; accept both so hosts can pass scheduler configs through.
 PREDICTION_ALIASES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "flow": "flow"}
 SIGMA_MARGIN = 1e-5  # flow sigmas stay inside (0, 1): SNR is infinite at 0 and the target degenerate at 1
