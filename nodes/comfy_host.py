@@ -16,7 +16,8 @@ import torch
 from ..trainer.errors import TrainingError, TrainingInterrupted
 from ..trainer.hosts.base import AdapterTarget, Conditioning, MemoryInfo
 from ..trainer.training.identity import module_fingerprint
-from ..trainer.training.schedules import DiscreteSchedule, FlowSchedule
+from .identity import model_fingerprint
+from .sampling import schedule_from_sampling
 
 
 class ComfyHost:
@@ -41,12 +42,13 @@ class ComfyHost:
                 f"this model ({type(self.base).__name__}) is not supported yet: LoRA Lab trains SD1.5 and SDXL "
                 "checkpoints (load one with Load Checkpoint)")
         self.sampling = model.get_model_object("model_sampling")
-        self.schedule = _schedule_for(self.base.model_type, self.sampling)
+        self.schedule = schedule_from_sampling(self.sampling)
         self.latent_channels = self.base.latent_format.latent_channels
         self.context_width = int(self.base.model_config.unet_config.get("context_dim") or 0)
-        self.model_id = module_fingerprint(self.unet, "comfy-unet")
+        self.model_id = model_fingerprint(model, self.unet, "diffusion_model.", "comfy-unet")
         self.image_encoder_id = vae_encoder(vae)[1] if vae is not None else ""
-        self.text_encoder_id = module_fingerprint(clip.cond_stage_model, "comfy-clip") if clip is not None else ""
+        self.text_encoder_id = (model_fingerprint(clip.patcher, clip.cond_stage_model, "", "comfy-clip")
+                                if clip is not None else "")
 
     # --- modules -------------------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
@@ -152,10 +154,7 @@ class ComfyHost:
 
     # --- the denoiser ----------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        if self.schedule.prediction == "flow":
-            t = self.sampling.timestep(timesteps.float())
-        else:
-            t = timesteps.float()
+        t = timesteps.float()  # discrete schedules: the model takes the timestep index (ms.timestep(sigma))
         y = self._adm(cond, noisy) if self.family == "sdxl" else None
         return self.unet(noisy, t, context=cond.context, y=y, control=None, transformer_options={})
 
@@ -240,18 +239,6 @@ def _norms_on_copies(encoders) -> list:
                 module.forward = forward
                 patched.append(module)
     return patched
-
-
-def _schedule_for(model_type, sampling):
-    import comfy.model_base as mb
-
-    if model_type in (mb.ModelType.EPS, mb.ModelType.V_PREDICTION):
-        prediction = "eps" if model_type == mb.ModelType.EPS else "v"
-        return DiscreteSchedule.from_sigmas(sampling.sigmas.float().cpu(), prediction=prediction)
-    if model_type == mb.ModelType.FLOW:
-        return FlowSchedule(shift=float(getattr(sampling, "shift", 1.0)))
-    raise TrainingError(f"model type {model_type.name} is not supported for training yet (eps, v and flow are)")
-
 
 
 def vae_encoder(vae):

@@ -25,9 +25,9 @@ class ConfigureLoRA(io.ComfyNode):
                         "A preset other than 'custom' overrides the settings it names (shown in the summary). "
                         "Connect the MODEL and latents too to see the memory estimate here before training.",
             inputs=[
-                io.Combo.Input("preset", options=["custom", "character", "style", "low memory"], default="custom",
+                io.Combo.Input("preset", options=list(choices.PRESETS), default="custom",
                                tooltip="character: rank 16, transformer blocks, cosine, min-SNR 5. style: rank 32 "
-                               "+ conv layers. low memory: rank 8 attention-only, Adafactor, checkpointing, bf16. "
+                               "+ conv layers. low memory: rank 8 attention-only, Adafactor, checkpointing. "
                                "custom: exactly the values below."),
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (dim). Higher learns more detail "
                              "and makes a bigger file. 8-32 is typical."),
@@ -36,7 +36,7 @@ class ConfigureLoRA(io.ComfyNode):
                                "which needs a proportionally higher learning rate."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.05,
                                tooltip="Dropout on the LoRA input during training (regularisation). 0 is usual."),
-                io.Combo.Input("targets", options=["attention", "transformer", "full"], default="transformer",
+                io.Combo.Input("targets", options=list(choices.TARGET_SETS), default="transformer",
                                tooltip="attention: q/k/v/out only. transformer: every linear in transformer blocks "
                                "(kohya's default). full: also resnet and up/down-sampling convs (LoCon)."),
                 io.Int.Input("conv_rank", default=0, min=0, max=256, tooltip="Rank of the 3x3 conv adapters used by "
@@ -58,9 +58,9 @@ class ConfigureLoRA(io.ComfyNode):
                                tooltip="Clip the gradient norm to this. 0 disables clipping."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches per optimizer step: effective batch = batch size x this."),
-                io.Combo.Input("loss", options=["mse", "huber", "l1"], default="mse",
+                io.Combo.Input("loss", options=list(choices.LOSSES), default="mse",
                                tooltip="Loss on the model's own prediction (eps / v). Huber is robust to outliers."),
-                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal", "shifted"], default="uniform",
+                io.Combo.Input("timestep_sampling", options=list(choices.TIMESTEP_SAMPLINGS), default="uniform",
                                tooltip="Which noise levels to train on. uniform: all equally. logit_normal: "
                                "more mid-range. shifted: more high noise (flow models)."),
                 io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=20.0, step=0.5,
@@ -69,9 +69,13 @@ class ConfigureLoRA(io.ComfyNode):
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01,
                                tooltip="Adds a per-channel offset to the noise so the LoRA can learn very dark or "
                                "bright images. 0.05-0.1 if you need that; 0 otherwise."),
-                io.Combo.Input("mixed_precision", options=["no", "bf16", "fp16"], default="no",
-                               tooltip="Compute precision. bf16 halves activation memory on modern GPUs; fp16 uses "
-                               "a gradient scaler. Adapters always stay fp32. 'no' on the CPU."),
+                io.Combo.Input("mixed_precision", options=list(choices.MIXED_PRECISIONS), default="auto",
+                               tooltip="auto (recommended): decided from the model's weights. fp16 weights (ComfyUI's "
+                               "default on NVIDIA GPUs) train with fp16 autocast and a gradient scaler, so small "
+                               "gradients do not vanish; bf16 / fp32 weights compute in their own dtype. bf16 / fp16: "
+                               "autocast to that dtype (over weights of another dtype this keeps a cast copy). no: "
+                               "the weights' dtype without autocast. Adapters always stay fp32; Train LoRA says what "
+                               "it used."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
                                  "backward pass: much less memory, about 30% slower."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also train adapters on the text "

@@ -17,15 +17,10 @@ def estimate_for(host, cfg, latents, batch_size: int, keep_text_encoder: bool, b
                                     resident_encoders=keep_text_encoder, batch_table=batch_table)
 
 
-def keeps_text_encoder(cfg, latents) -> bool:
-    """The text encoder stays loaded during training when it is trained or when shuffled captions are encoded
-    per step."""
-    return bool(cfg.network.train_text_encoder or latents.dataset_config.shuffle_captions)
-
-
 def configure_estimate_text(model, latents, cfg, clip=None) -> str:
     """Configure LoRA's estimate: what training ``cfg`` on this model and data needs, per batch size."""
     from ..trainer.errors import TrainingError
+    from ..trainer.training.loop import text_encoder_stays_loaded
     from .comfy_host import ComfyHost
 
     if model is None or latents is None:
@@ -39,7 +34,7 @@ def configure_estimate_text(model, latents, cfg, clip=None) -> str:
                 "it and its own batch size before it starts)")
     try:
         host = ComfyHost(model.clone(), clip, None)
-        keep = keeps_text_encoder(cfg, latents)
+        keep = text_encoder_stays_loaded(cfg, latents.dataset_config)
         with host.training_session(keep, cfg.network.train_text_encoder):
             estimate = estimate_for(host, cfg, latents, 1, keep, BATCH_TABLE)
     except TrainingError as e:

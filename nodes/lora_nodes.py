@@ -14,7 +14,8 @@ class SaveLoRA(io.ComfyNode):
             display_name="Save LoRA (LoRA Lab)",
             category=f"{CATEGORY}/train",
             description="Save the LoRA in kohya format (works in ComfyUI's LoraLoader, A1111/Forge and diffusers) "
-                        "under models/loras. LoraLoader lists it at once.",
+                        "under models/loras. When the run kept an EMA of the weights, the EMA LoRA is written "
+                        "beside it as <filename>_ema.safetensors. LoraLoader lists new files after a refresh (R).",
             inputs=[
                 io.LoraModel.Input("lora", tooltip="The LORA output of Train LoRA."),
                 io.String.Input("filename", default="loralab/my_lora", tooltip="File name under models/loras; "
@@ -37,6 +38,7 @@ class SaveLoRA(io.ComfyNode):
     def execute(cls, lora, filename, dtype, title, trigger_phrase, notes) -> io.NodeOutput:
         from ..trainer.errors import TrainingError
         from ..trainer.files.lora_file import save_lora
+        from ..trainer.run import ema_path
         from .paths import lora_output_path, refresh_lora_list
 
         if not lora:
@@ -49,5 +51,11 @@ class SaveLoRA(io.ComfyNode):
         if notes.strip():
             metadata["modelspec.description"] = notes.strip()
         save_lora(path, dict(lora), metadata, dtype=dtype)
+        written = [path]
+        ema = getattr(lora, "ema", None)
+        if ema:
+            written.append(ema_path(path))
+            save_lora(written[-1], dict(ema), {**metadata, "modelspec.title": metadata["modelspec.title"] + " (EMA)"},
+                      dtype=dtype)
         refresh_lora_list()
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved: {path}"))
+        return io.NodeOutput(str(path), ui=ui.PreviewText("\n".join(f"saved: {p}" for p in written)))

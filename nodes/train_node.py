@@ -7,8 +7,6 @@ same graph again continues from it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 from comfy_api.latest import io
@@ -16,33 +14,16 @@ from comfy_api.latest import io
 from .types import CATEGORY, Latents, TrainConfig
 
 EVENT = "loralab.progress"
-FINAL_LORA = "final.safetensors"
-
-
-def run_key(host, latents_value, config) -> str:
-    """Identity of a training run: same key → same result, so a finished run can be reused."""
-    digest = hashlib.sha256()
-    digest.update(host.model_id.encode())
-    digest.update(host.text_encoder_id.encode())
-    digest.update(config.digest().encode())
-    init_from = Path(config.network.init_from) if config.network.init_from else None
-    if init_from is not None and init_from.is_file():  # the LoRA continued from: its content, not only its name
-        with open(init_from, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    digest.update(json.dumps(dataclasses.asdict(latents_value.dataset_config), sort_keys=True).encode())
-    for s in latents_value.latents.samples:
-        digest.update(f"{s.content_hash}|{s.bucket}|{s.crop_top_left}|{s.caption}|{s.repeats}|{s.resolution}".encode())
-        digest.update(s.latent.float().numpy().tobytes())  # covers the VAE that encoded it
-    return digest.hexdigest()[:12]
 
 
 class LoraStateDict(dict):
-    """A kohya-keyed LoRA state dict (what core nodes expect on LORA_MODEL) that also carries its metadata."""
+    """A kohya-keyed LoRA state dict (what core nodes expect on LORA_MODEL) that also carries its metadata and, when
+    the run kept an EMA of the adapter weights, the EMA weights (``ema``, another LoraStateDict) for Save LoRA."""
 
-    def __init__(self, tensors, metadata=None):
+    def __init__(self, tensors, metadata=None, ema=None):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
+        self.ema = ema
 
 
 def _send(payload: dict) -> None:
@@ -84,6 +65,10 @@ class TrainLoRA(io.ComfyNode):
                                 "continue. Empty: a stopped run with these exact settings continues by itself."),
                 io.Boolean.Input("allow_over_memory", default=False, optional=True, tooltip="Start even when the "
                                  "memory estimate says it will not fit."),
+                io.Combo.Input("model_weights", options=["trained", "ema"], default="trained", optional=True,
+                               tooltip="Which LoRA weights the MODEL output carries: the trained ones, or their "
+                               "moving average (needs ema_decay > 0 in Configure LoRA). The LORA output carries "
+                               "both, and Save LoRA writes both files."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -98,74 +83,64 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, latents, config, steps, batch_size, seed, save_every, run_name, vae=None,
-                preview_prompts="", preview_every=0, resume_from="", allow_over_memory=False) -> io.NodeOutput:
+                preview_prompts="", preview_every=0, resume_from="", allow_over_memory=False,
+                model_weights="trained") -> io.NodeOutput:
         import comfy.sd
 
-        from ..trainer.files.lora_file import load_lora
+        from ..trainer.errors import TrainingError
         from ..trainer.monitor.plot import image_to_tensor, render_loss_plot
-        from ..trainer.monitor.runlog import read_estimate, read_history
+        from ..trainer.monitor.runlog import read_history
         from .comfy_host import ComfyHost
-        from .paths import runs_root, sanitize_name
 
         cfg = dataclasses.replace(config, steps=steps, batch_size=batch_size, seed=seed, save_every=save_every)
+        if model_weights == "ema" and cfg.ema_decay <= 0:
+            raise TrainingError("Train LoRA: model_weights is 'ema' but Configure LoRA's ema_decay is 0, so there "
+                                "are no EMA weights; set ema_decay (e.g. 0.999) or choose 'trained'")
         host = ComfyHost(model.clone(), clip, vae)
-        run_dir = runs_root() / f"{sanitize_name(run_name)}-{run_key(host, latents, cfg)}"
-        final = run_dir / FINAL_LORA
-        if final.is_file():
-            lora_sd, metadata = load_lora(final)
-            losses = read_history(run_dir).get("loss", [])
-        else:
-            lora_sd, metadata, losses = _train(host, latents, cfg, run_dir, resume_from, cls.hidden.unique_id,
-                                     preview_prompts, preview_every, allow_over_memory)
-        lora = LoraStateDict(lora_sd, metadata)
-        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-        plot = image_to_tensor(render_loss_plot(read_history(run_dir), title=run_dir.name))
-        text = f"run: {run_dir}\nsteps: {len(losses)}" + (f"\nfinal loss: {losses[-1]:.4f}" if losses else "")
-        estimate = read_estimate(run_dir)
-        if estimate:
-            text += "\n" + estimate
-        return io.NodeOutput(model_out, clip_out, lora, {"loss": list(losses)}, plot,
-                             ui={"text": [text], "loralab_run": [run_dir.name]})
+        result = _run(host, latents, cfg, run_name, resume_from, cls.hidden.unique_id, preview_prompts,
+                      preview_every, allow_over_memory)
+        ema = LoraStateDict(result.ema, result.metadata) if result.ema is not None else None
+        lora = LoraStateDict(result.lora, result.metadata, ema=ema)
+        applied = ema if model_weights == "ema" else lora
+        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, applied, 1.0, 1.0)
+        plot = image_to_tensor(render_loss_plot(read_history(result.run_dir), title=result.run_dir.name))
+        text = result.summary() + (f"\nMODEL output: {model_weights} weights" if ema is not None else "")
+        if result.estimate:
+            text += "\n" + result.estimate
+        return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)}, plot,
+                             ui={"text": [text], "loralab_run": [result.run_dir.name]})
 
 
-def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview_prompts: str, preview_every: int,
-           allow_over_memory: bool):
+def _run(host, latents, cfg, run_name: str, resume_from: str, node_id, preview_prompts: str, preview_every: int,
+         allow_over_memory: bool):
+    """The engine's Run, with ComfyUI's progress bar, Stop, live events and previews wired in."""
     import comfy.model_management as mm
     import comfy.utils
 
-    from ..trainer.errors import TrainingInterrupted
-    from ..trainer.files.atomic import write_text
-    from ..trainer.files.lora_file import build_metadata, save_lora
-    from ..trainer.monitor.events import ProgressReporter, fanout
-    from ..trainer.monitor.runlog import ESTIMATE_FILE, RunLog
-    from ..trainer.preflight.checks import preflight, raise_problems
-    from ..trainer.preflight.memory import check_fits, measured_peak, oom_report
-    from ..trainer.training.loop import Hooks, train
-    from ..trainer.training.state import latest_snapshot
-    from .estimate import estimate_for, keeps_text_encoder
-    from .paths import runs_root
+    from ..trainer.errors import TrainingError, TrainingInterrupted
+    from ..trainer.monitor.events import fanout
+    from ..trainer.run import Run
+    from ..trainer.training.identity import RunIdentity
+    from ..trainer.training.loop import Hooks
+    from .paths import runs_root, sanitize_name
     from .preview_node import parse_prompts, training_preview
 
+    identity = RunIdentity.of(host, cfg, latents.latents.samples, latents.dataset_config)
+    run_dir = runs_root() / f"{sanitize_name(run_name)}-{identity.key}"
     if resume_from.strip():
         candidate = Path(resume_from.strip())
         run_dir = candidate if candidate.is_absolute() else runs_root() / candidate
-    resume = latest_snapshot(run_dir) is not None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.json", json.dumps({"train": cfg.to_dict(), "bucket": dataclasses.asdict(
-        latents.bucket_config), "dataset": dataclasses.asdict(latents.dataset_config)}, indent=1))
 
     bar = comfy.utils.ProgressBar(cfg.steps)
-    prompts = parse_prompts(preview_prompts)
 
     def on_step(step, loss, lr):
         host.check_interrupt()  # before the bar: its hook would raise ComfyUI's exception and skip our state save
         bar.update_absolute(step, cfg.steps)
 
     hooks = Hooks(on_step=on_step)
+    prompts = parse_prompts(preview_prompts)
     if prompts and preview_every > 0:
         if host.vae is None:
-            from ..trainer.errors import TrainingError
-
             raise TrainingError("Train LoRA: preview prompts are set but no VAE is connected; connect the VAE "
                                 "(or set preview_every to 0)")
         size = latents.bucket_config.resolutions[0]
@@ -174,30 +149,16 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
                                                                settings)
         hooks.preview_every = preview_every
 
-    # Pre-flight: every input check at once, then the memory estimate (refuses to start when it cannot fit).
-    # One training session (model loaded, autograd-ready weights) serves the estimate's trace and the run.
-    keep_te = keeps_text_encoder(cfg, latents)
-    samples = latents.latents.samples
-    warnings = raise_problems(preflight(
-        host, cfg, None, latents.bucket_config, latent_channels_from_vae=samples[0].latent.shape[0],
-        output_dir=run_dir.parent, cache_dir=latents.cache_dir, resume_dir=run_dir if resume else None))
+    run = Run(host, latents.latents, cfg, run_dir=run_dir, dataset_cfg=latents.dataset_config,
+              bucket_cfg=latents.bucket_config, cache_dir=latents.cache_dir, image_count=latents.image_count,
+              title=run_dir.name, trigger_phrase=latents.dataset_config.trigger_word,
+              allow_over_memory=allow_over_memory, emit=fanout(_send), node=str(node_id), hooks=hooks,
+              identity=identity)
     was_training = getattr(mm, "in_training", None)
     if was_training is not None:
         mm.in_training = True
     try:
-        with host.training_session(keep_te, cfg.network.train_text_encoder):
-            estimate = estimate_for(host, cfg, latents, cfg.batch_size, keep_te)
-            fit_note = check_fits(estimate, allow_over_memory)
-            notes = [str(w) for w in warnings] + ([fit_note] if fit_note else [])
-            hooks.oom_report = lambda step: oom_report(estimate, measured_peak(host), step)
-            write_text(run_dir / ESTIMATE_FILE, "\n".join([estimate.to_text()] + notes) + "\n")
-            with RunLog(run_dir) as runlog:
-                reporter = ProgressReporter(fanout(_send, runlog.write_latest), node=str(node_id), run=run_dir.name,
-                                            total=cfg.steps, estimate=estimate.comparable_peak)
-                reporter.report("encoding", step=0, mem=host.memory, message="; ".join([estimate.summary()] + notes))
-                result = train(host, latents.latents, cfg, run_dir, dataset_cfg=latents.dataset_config,
-                               text_cache_dir=latents.cache_dir / "text", resume=resume, reporter=reporter,
-                               hooks=hooks, runlog=runlog)
+        return run.execute()
     except TrainingInterrupted:
         # The resumable state is saved; now report ComfyUI's own interruption (and clear its flag).
         mm.throw_exception_if_processing_interrupted()
@@ -205,10 +166,3 @@ def _train(host, latents, cfg, run_dir: Path, resume_from: str, node_id, preview
     finally:
         if was_training is not None:
             mm.in_training = was_training
-    metadata = build_metadata(cfg, family=host.family, prediction=host.schedule.prediction,
-                              resolution=max(latents.bucket_config.resolutions), title=run_dir.name,
-                              trigger_phrase=latents.dataset_config.trigger_word, notes="",
-                              extra={"ss_num_train_images": str(latents.image_count)})
-    state = result.network.kohya_state_dict()
-    save_lora(run_dir / FINAL_LORA, state, metadata, dtype="fp32")
-    return state, metadata, result.losses

@@ -8,7 +8,8 @@ from shapes import write_shape_dataset
 from trainer.config import TrainConfig
 from trainer.errors import TrainingError, TrainingInterrupted
 from trainer.hosts.diffusers_host import DiffusersHost
-from trainer.training.loop import fixed_grid_loss, train
+from grid_loss import fixed_grid_loss
+from trainer.training.loop import train
 from trainer.training.state import list_snapshots
 
 GRID = [100, 300, 500, 700, 900]

@@ -185,34 +185,44 @@ def test_default_output_size_is_estimated(host):
     assert 0 < small["LoRA files"] < big["LoRA files"] and big["resume snapshots"] > 2 * small["resume snapshots"]
 
 
-def _snapshot(run_dir, host, cfg, model_id=None):
+def _identity(cfg, model="the-model", data="the-data"):
+    from trainer.training.identity import RunIdentity, settings_digest
+
+    return RunIdentity(model, settings_digest(cfg), data)
+
+
+def _snapshot(run_dir, host, identity):
     import torch
 
-    from trainer.training.loop import resume_digest
     from trainer.training.state import save_snapshot
 
-    meta = {"config_digest": resume_digest(cfg), "model_id": model_id or host.model_id, "family": host.family}
+    meta = {"identity": identity.to_dict(), "family": host.family}
     save_snapshot(run_dir, 5, {"x.alpha": torch.tensor(1.0)}, {"losses": []}, meta)
 
 
 def test_resume_folder_checks(host, tmp_path, dataset):
+    """The resume folder must exist and hold a snapshot of the same model and settings; settings that do not change
+    the result (steps, saving, checkpointing) may differ; changed data is a warning, not an error."""
     cfg = cfg_with()
     run_dir = tmp_path / "run"
-    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir), "resume_from")
+    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir, identity=_identity(cfg)), "resume_from")
     assert "does not exist" in p.message
     run_dir.mkdir()
-    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir), "resume_from")
+    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir, identity=_identity(cfg)), "resume_from")
     assert p.level == "warning" and "no saved state" in p.message
-    _snapshot(run_dir, host, cfg)
-    assert run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir) == []
-    assert run(host, tmp_path, dataset, cfg=dataclasses.replace(cfg, save_every=5), resume_dir=run_dir) == []
+    _snapshot(run_dir, host, _identity(cfg))
+    assert run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir, identity=_identity(cfg)) == []
+    neutral = dataclasses.replace(cfg, save_every=5, steps=999, keep_last=1, gradient_checkpointing=True)
+    assert run(host, tmp_path, dataset, cfg=neutral, resume_dir=run_dir, identity=_identity(neutral)) == []
     other = cfg_with(network={"rank": 8})
-    p = only(run(host, tmp_path, dataset, cfg=other, resume_dir=run_dir), "resume_from")
+    p = only(run(host, tmp_path, dataset, cfg=other, resume_dir=run_dir, identity=_identity(other)), "resume_from")
     assert "different training settings" in p.message and "config.json" in p.fix
-    other_model = tmp_path / "run2"
-    _snapshot(other_model, host, cfg, model_id="someone-else")
-    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=other_model), "resume_from")
-    assert "different model" in p.message and "same checkpoint" in p.fix
+    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir, identity=_identity(cfg, model="other")),
+             "resume_from")
+    assert "different model" in p.message and "same model" in p.fix
+    p = only(run(host, tmp_path, dataset, cfg=cfg, resume_dir=run_dir, identity=_identity(cfg, data="new")),
+             "resume_from")
+    assert p.level == "warning" and "changed dataset" in p.message
 
 
 def test_all_problems_in_one_error(host, tmp_path):

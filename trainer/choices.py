@@ -7,8 +7,9 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restart
 LOSSES = ("mse", "huber", "l1")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 TARGET_SETS = ("attention", "transformer", "full")  # which layers carry adapters (trainer/adapters/targets.py)
-# auto: from the model's weight dtype (trainer/training/precision.py); fp32: full precision whatever the weights;
-# bf16 / fp16: autocast to that dtype; "no" (older configs) means auto.
-MIXED_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "no")
+# auto: decided from the model's weight dtype; bf16 / fp16: autocast to that dtype; no: the weights' own dtype, no
+# autocast (the rule, and why an fp16 backward always gets a gradient scaler: trainer/training/precision.py)
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
 CROPS = ("center", "random")
+PRESETS = ("custom", "character", "style", "low memory")  # Configure LoRA's starting points (trainer/presets.py)

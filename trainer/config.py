@@ -84,7 +84,7 @@ class TrainConfig:
     steps: int = 500
     batch_size: int = 1
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto | bf16 | fp16 | no (trainer/training/precision.py)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 disables EMA of adapter weights
     save_every: int = 0  # 0 disables periodic saves

@@ -4,6 +4,7 @@ The same steps the ComfyUI nodes run, driven by one config file (JSON or YAML):
 
     model: path/to/diffusers-model-folder        # unet/, vae/, text_encoder/, tokenizer/, scheduler/
     device: cpu                                  # or cuda, cuda:1 ...
+    model_dtype: fp32                            # dtype the frozen weights load in: fp32 | fp16 | bf16
     dataset: {folder: my_images, trigger_word: ohwx, ...}          # trainer.config.DatasetConfig
     buckets: {resolutions: [512], min_bucket: 256, max_bucket: 1024}  # trainer.config.BucketConfig
     train: {steps: 1000, batch_size: 2, network: {rank: 16, alpha: 16}, optimizer: {learning_rate: 1e-4}}
@@ -12,19 +13,18 @@ The same steps the ComfyUI nodes run, driven by one config file (JSON or YAML):
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .choices import OUTPUT_DTYPES
 from .config import BucketConfig, DatasetConfig, TrainConfig, _build
 from .errors import ConfigError
 
 log = logging.getLogger("loralab")
 
-TOP_LEVEL_KEYS = {"model", "device", "dataset", "buckets", "train", "output", "resume", "title", "trigger_phrase",
+TOP_LEVEL_KEYS = {"model", "device", "model_dtype", "dataset", "buckets", "train", "output", "resume", "title", "trigger_phrase",
                   "allow_over_memory"}
 
 
@@ -42,6 +42,13 @@ class HeadlessSpec:
     title: str = ""
     trigger_phrase: str = ""
     allow_over_memory: bool = False
+    model_dtype: str = "fp32"
+
+    @property
+    def weights_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.model_dtype]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path = Path(".")) -> "HeadlessSpec":
@@ -61,55 +68,44 @@ class HeadlessSpec:
         if dataset.folder and not Path(dataset.folder).is_absolute():
             dataset.folder = str(base / dataset.folder)
         model = Path(data["model"])
+        model_dtype = str(data.get("model_dtype", "fp32"))
+        if model_dtype not in OUTPUT_DTYPES:
+            raise ConfigError(f"model_dtype = {model_dtype!r} is not valid; choose one of: {', '.join(OUTPUT_DTYPES)}")
         return cls(
             model=str(resolve(model)), dataset=dataset, buckets=_build(BucketConfig, data.get("buckets") or {}, "buckets."),
             train=TrainConfig.from_dict(data.get("train") or {}), run_dir=resolve(run_dir),
             lora_path=resolve(lora_path), cache_dir=resolve(cache_dir), device=str(data.get("device", "cpu")),
             resume=bool(data.get("resume", False)), title=str(data.get("title", "")),
             trigger_phrase=str(data.get("trigger_phrase", dataset.trigger_word)),
-            allow_over_memory=bool(data.get("allow_over_memory", False)),
+            allow_over_memory=bool(data.get("allow_over_memory", False)), model_dtype=model_dtype,
         )
 
 
 def run(spec: HeadlessSpec, echo=print):
-    """Train one LoRA headless. Returns the loop's TrainResult."""
+    """Train one LoRA headless: scan and cache the data, then the same :class:`trainer.run.Run` Train LoRA uses.
+    Writes the LoRA (and its EMA twin) where ``output.lora`` says, and the loss plot. Returns the RunResult."""
     import torch
 
     from .data.cache import prepare_latents
     from .data.dataset import scan_dataset
-    from .files.atomic import write_text
-    from .files.lora_file import build_metadata, save_lora
+    from .files.lora_file import save_lora
     from .hosts.diffusers_host import DiffusersHost
-    from .monitor.events import ProgressReporter
     from .monitor.plot import save_loss_plot
-    from .monitor.runlog import ESTIMATE_FILE, RunLog, read_history
+    from .monitor.runlog import read_history
     from .preflight.checks import preflight, raise_problems
-    from .preflight.memory import check_fits, estimate_training_memory, measured_peak, oom_report
-    from .training.loop import Hooks, train
+    from .run import Run, ema_path
 
     torch.manual_seed(spec.train.seed)
-    host = DiffusersHost(spec.model, device=spec.device)
-    echo(f"model: {spec.model} ({host.family}, {host.schedule.prediction}-prediction) on {host.device}")
+    host = DiffusersHost(spec.model, device=spec.device, dtype=spec.weights_dtype)
+    echo(f"model: {spec.model} ({host.family}, {host.schedule.describe()}) on {host.device}")
+    # every settings problem at once, before any time is spent caching (the Run checks again with the cached data)
     raise_problems(preflight(host, spec.train, spec.dataset, spec.buckets, latent_channels_from_vae=host.latent_channels,
-                             output_dir=spec.run_dir, cache_dir=spec.cache_dir,
-                             resume_dir=spec.run_dir if spec.resume else None))
+                             output_dir=spec.run_dir, cache_dir=spec.cache_dir))
     dataset = scan_dataset(spec.dataset, min_size=min(spec.buckets.resolutions))
     echo(dataset.report.to_text())
     latents = prepare_latents(dataset, spec.buckets, host.encode_images, host.image_encoder_id,
                               spec.cache_dir / "latents", seed=spec.train.seed)
-    echo(latents.report.to_text() if hasattr(latents.report, "to_text") else str(latents.report))
-
-    estimate = estimate_training_memory(host, spec.train, sorted({s.bucket for s in latents.samples}),
-                                        resident_encoders=True)
-    echo(estimate.to_text())
-    note = check_fits(estimate, spec.allow_over_memory)
-    if note:
-        echo(note)
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    config_record = {"model": spec.model, "dataset": dataclasses.asdict(spec.dataset),
-                     "buckets": dataclasses.asdict(spec.buckets), "train": spec.train.to_dict()}
-    write_text(spec.run_dir / "config.json", json.dumps(config_record, indent=1))
-    write_text(spec.run_dir / ESTIMATE_FILE, "\n".join([estimate.to_text()] + ([note] if note else [])) + "\n")
+    echo(latents.report.to_text())
 
     def emit(payload: dict) -> None:
         if payload["phase"] == "training":
@@ -118,23 +114,18 @@ def run(spec: HeadlessSpec, echo=print):
         elif payload.get("message"):
             echo(f"[{payload['phase']}] {payload['message']}")
 
-    reporter = ProgressReporter(emit, node="cli", run=spec.run_dir.name, total=spec.train.steps, min_interval=1.0)
-    with RunLog(spec.run_dir) as runlog:
-        result = train(host, latents, spec.train, spec.run_dir, dataset_cfg=spec.dataset,
-                       text_cache_dir=spec.cache_dir / "text", resume=spec.resume, reporter=reporter, runlog=runlog,
-                       hooks=Hooks(oom_report=lambda step: oom_report(estimate, measured_peak(host), step)))
-    metadata = build_metadata(
-        spec.train, family=host.family, prediction=host.schedule.prediction,
-        resolution=max(spec.buckets.resolutions), title=spec.title or spec.lora_path.stem,
-        trigger_phrase=spec.trigger_phrase, notes="", extra={"ss_num_train_images": str(len(dataset.items))},
-    )
-    save_lora(spec.lora_path, result.network.kohya_state_dict(), metadata, dtype=spec.train.output_dtype)
+    result = Run(host, latents, spec.train, run_dir=spec.run_dir, dataset_cfg=spec.dataset, bucket_cfg=spec.buckets,
+                 cache_dir=spec.cache_dir, image_count=len(dataset.items),
+                 resume="required" if spec.resume else "auto", title=spec.title or spec.lora_path.stem,
+                 trigger_phrase=spec.trigger_phrase, allow_over_memory=spec.allow_over_memory, emit=emit,
+                 min_interval=1.0).execute()
+    echo(result.estimate)
+    echo(result.summary())
+    save_lora(spec.lora_path, result.lora, result.metadata, dtype=spec.train.output_dtype)
     echo(f"saved LoRA: {spec.lora_path}")
     if result.ema is not None:
-        with result.ema.swapped():
-            ema_path = spec.lora_path.with_name(spec.lora_path.stem + "_ema.safetensors")
-            save_lora(ema_path, result.network.kohya_state_dict(), metadata, dtype=spec.train.output_dtype)
-        echo(f"saved EMA LoRA: {ema_path}")
+        save_lora(ema_path(spec.lora_path), result.ema, result.metadata, dtype=spec.train.output_dtype)
+        echo(f"saved EMA LoRA: {ema_path(spec.lora_path)}")
     plot_path = spec.run_dir / "loss.png"
     save_loss_plot(read_history(spec.run_dir), plot_path)
     echo(f"loss plot: {plot_path}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .choices import PRESETS as PRESET_NAMES
 from .config import TrainConfig
 from .errors import ConfigError
 
@@ -16,11 +17,13 @@ PRESETS: dict[str, dict] = {
     "style": {"network": {"rank": 32, "alpha": 16, "targets": "full", "conv_rank": 16, "conv_alpha": 8},
               "optimizer": {"name": "adamw", "learning_rate": 1e-4, "scheduler": "cosine", "warmup_steps": 50},
               "objective": {"min_snr_gamma": 5.0}},
-    # Smallest footprint that still trains well: factored optimizer state, recomputed activations, bf16.
+    # Smallest footprint that still trains well: factored optimizer state, recomputed activations, and the
+    # precision auto picks (fp16 weights: fp16 compute, no cast copies; bf16 autocast would copy fp16 weights).
     "low memory": {"network": {"rank": 8, "alpha": 8, "targets": "attention"},
                    "optimizer": {"name": "adafactor", "learning_rate": 2e-4},
-                   "gradient_checkpointing": True, "mixed_precision": "bf16"},
+                   "gradient_checkpointing": True, "mixed_precision": "auto"},
 }
+assert tuple(PRESETS) == PRESET_NAMES, "trainer/choices.py lists the presets the node offers"
 
 
 def apply_preset(config: TrainConfig, name: str) -> TrainConfig:

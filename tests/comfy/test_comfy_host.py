@@ -285,8 +285,7 @@ def test_configure_lora_continues_from_a_lora_in_models_loras(pack, tiny_models,
     got = cont.network.kohya_state_dict(torch.float32)
     assert all(torch.allclose(got[k], trained[k], atol=1e-6) for k in trained)
 
-    value = pack("nodes.dataset_nodes").LatentsValue(latents, dataset_cfg, None, tmp_path / "cache", 2)
-    run_key = pack("nodes.train_node").run_key
-    key = run_key(host, value, cfg)
+    identity = pack("trainer.training.identity").RunIdentity.of
+    key = identity(host, cfg, latents.samples, dataset_cfg).key
     save_lora(loras / "mine.safetensors", {k: v * 2 for k, v in trained.items()}, {}, dtype="fp32")
-    assert run_key(host, value, cfg) != key
+    assert identity(host, cfg, latents.samples, dataset_cfg).key != key

@@ -64,14 +64,15 @@ class MemoryInfo:
 class Host(Protocol):
     """What a model host provides. Attributes are plain values; methods may be expensive."""
 
-    family: str  # "sd15", "sdxl", or "flow"
+    family: str  # "sd15", "sdxl"
     device: "torch.device"
-    dtype: "torch.dtype"  # dtype of the base weights (the compute dtype unless autocast says otherwise)
+    dtype: "torch.dtype"  # dtype the denoiser's layers compute in (weights, or their run-time cast); see precision.py
     schedule: "NoiseSchedule"
     latent_channels: int
     context_width: int  # width of the text context the denoiser cross-attends to
     image_encoder_id: str  # stable identity of the VAE (a content hash of its weights): cache keys use it
     text_encoder_id: str  # stable identity of the text encoder(s)
+    model_id: str  # stable identity of the denoiser's base weights plus any patches applied to them
 
     def denoiser(self) -> "nn.Module":
         """The module whose parameters are trained around (frozen) and whose forward `predict` runs."""
@@ -93,6 +94,12 @@ class Host(Protocol):
 
     def adapter_targets(self, targets: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
         """Modules that may carry adapters for a target set ("attention", "transformer", "full")."""
+
+    def training_session(self, keep_text_encoder: bool = False, train_text_encoder: bool = False):
+        """Context manager around training: load what training needs, undo everything on exit."""
+
+    def gradient_checkpointing(self, enabled: bool):
+        """Context manager: recompute activations in the backward pass while it is entered."""
 
     def memory(self) -> MemoryInfo:
         ...

@@ -86,6 +86,11 @@ class DiffusersHost:
             if enabled and not before:
                 self.unet.disable_gradient_checkpointing()
 
+    @contextlib.contextmanager
+    def training_session(self, keep_text_encoder: bool = False, train_text_encoder: bool = False):
+        """Nothing to load or swap: the diffusers models are ordinary modules, resident on ``self.device``."""
+        yield
+
     # --- the denoiser ----------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         added = None

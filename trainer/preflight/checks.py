@@ -179,15 +179,16 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
 
     # --- mixed precision vs device ---
     if cfg.mixed_precision == "fp16" and device_type == "cpu":
-        problems.append(Problem("mixed_precision", "fp16 is not supported well on the CPU (slow, and its loss "
-                                "scaling is meant for GPUs)", "use bf16 or no on the CPU"))
+        problems.append(Problem("mixed_precision", "fp16 autocast on the CPU is slow (most CPU kernels are fastest "
+                                "in fp32 or bf16)", "use auto (fp32 weights compute in fp32) or bf16 on the CPU",
+                                level="warning"))
     elif cfg.mixed_precision == "bf16" and device_type == "cuda":
         try:
             import torch
 
             if not torch.cuda.is_bf16_supported():
                 problems.append(Problem("mixed_precision", "this GPU has no bf16 support",
-                                        "use fp16 (or no) on this GPU"))
+                                        "use auto (fp16 weights then train in fp16 with a gradient scaler)"))
         except Exception:  # noqa: BLE001
             pass
 
@@ -460,10 +461,11 @@ def check_folders(host, cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], ou
     return problems
 
 
-def check_resume(host, cfg: TrainConfig, resume_dir) -> list[Problem]:
+def check_resume(host, cfg: TrainConfig, resume_dir, identity=None) -> list[Problem]:
+    """The resume folder exists, has a snapshot, and (given the run's identity) holds the same model and settings."""
     if resume_dir is None or str(resume_dir).strip() == "":
         return []
-    from ..training.state import check_compatible, latest_snapshot
+    from ..training.state import check_resumable, latest_snapshot
 
     folder = Path(resume_dir).expanduser()
     if not folder.is_dir():
@@ -480,25 +482,19 @@ def check_resume(host, cfg: TrainConfig, resume_dir) -> list[Problem]:
     except (OSError, ValueError) as e:
         return [Problem("resume_from", f"'{snapshot}' is damaged ({e})",
                         "delete that snapshot folder to resume from the one before it")]
+    if identity is None:
+        return []
     try:
-        from ..training.loop import resume_digest
-
-        digest = resume_digest(cfg)
-    except Exception:  # noqa: BLE001 - without the loop module only the model can be compared
-        digest = meta.get("config_digest", "")
-    try:
-        check_compatible(meta, config_digest=digest, model_id=str(getattr(host, "model_id", "") or ""),
-                         path=snapshot)
+        notes = check_resumable(meta, identity, snapshot)
     except TrainingError as e:
-        text = str(e)
-        head, _, fix = text.partition("; ")
+        head, _, fix = str(e).partition("; ")
         return [Problem("resume_from", head, fix or "start a new run")]
-    return []
+    return [Problem("resume_from", note, "nothing to do if that is what you want", level="warning") for note in notes]
 
 
 def preflight(host, cfg: TrainConfig, dataset_cfg: Optional[DatasetConfig], bucket_cfg: Optional[BucketConfig], *,
               latent_channels_from_vae: Optional[int], output_dir, cache_dir, resume_dir=None,
-              expected_output_bytes: Optional[int] = None) -> list[Problem]:
+              expected_output_bytes: Optional[int] = None, identity=None) -> list[Problem]:
     """Every check, every problem (errors and warnings). Pass ``dataset_cfg=None`` when the latents are already
     cached (the folder was checked when they were made), ``output_dir``/``cache_dir`` None to skip those."""
     import torch
@@ -509,5 +505,5 @@ def preflight(host, cfg: TrainConfig, dataset_cfg: Optional[DatasetConfig], buck
     dataset_problems, images = check_dataset(dataset_cfg)
     problems += dataset_problems
     problems += check_folders(host, cfg, bucket_cfg, output_dir, cache_dir, images, expected_output_bytes)
-    problems += check_resume(host, cfg, resume_dir)
+    problems += check_resume(host, cfg, resume_dir, identity)
     return problems

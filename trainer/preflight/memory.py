@@ -310,6 +310,13 @@ def _linear_conv_weights(module) -> int:
                if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight", None) is not None)
 
 
+def _autocast_of(cfg, host) -> str:
+    """The autocast the run will use ("bf16", "fp16" or "no"): what the trace must run under."""
+    from ..training.precision import resolve_precision
+
+    return resolve_precision(cfg.mixed_precision, host.dtype, host.device).autocast_name
+
+
 def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] = None, *,
                              resident_encoders: bool, attention: str = "sdpa",
                              suggest: bool = True, batch_table: Sequence[int] = ()) -> "MemoryEstimate":
@@ -326,7 +333,7 @@ def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] 
     batch = int(batch_size if batch_size is not None else cfg.batch_size)
     width, height = _largest_bucket(buckets)
     plan = _Plan(rank_scale=1.0, batch=max(1, batch), pixels=(width / 8) * (height / 8), bucket=(width, height),
-                 checkpointing=bool(cfg.gradient_checkpointing), mixed_precision=cfg.mixed_precision,
+                 checkpointing=bool(cfg.gradient_checkpointing), mixed_precision=_autocast_of(cfg, host),
                  optimizer=cfg.optimizer.name, fp8_weights=False, resident_encoders=bool(resident_encoders),
                  train_text_encoder=bool(cfg.network.train_text_encoder))
     ctx = _Context(host, cfg, attention)

@@ -67,7 +67,6 @@ class AdapterEMA:
                 for p, original in zip(self.parameters, saved):
                     p.copy_(original)
 
-    swapped = swap  # the name trainer/headless.py uses
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,

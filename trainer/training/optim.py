@@ -158,6 +158,19 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def sync_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every group's LR from the scheduler's own lambdas at its current step, after ``load_state_dict``.
+
+    A resume may change the number of steps: the schedule is then the one for the new total (constant schedules are
+    unchanged; cosine, linear and polynomial follow the longer curve from the current step on, so a finished run's
+    LR rises back to where the longer curve stands). The optimizer state saved the old schedule's LR, so without
+    this the first resumed step would still use it."""
+    step = scheduler.last_epoch
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     """Total L2 norm of the gradients (before clipping), for logging; clips to ``max_norm`` when it is > 0.
     A non-finite norm is returned as is and nothing is clipped (the fp16 grad scaler then skips the step)."""

@@ -93,6 +93,14 @@ class NoiseSchedule:
         """Signal-to-noise ratio per timestep, float32 on ``t``'s device."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """One line for the node's text, logs and metadata: the prediction type and the schedule."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """Changes whenever training on this schedule would compute something else (run identity)."""
+        raise NotImplementedError
+
 
 class DiscreteSchedule(NoiseSchedule):
     timestep_unit = "index"
@@ -164,6 +172,16 @@ class DiscreteSchedule(NoiseSchedule):
         a = self.alphas_cumprod[t.detach().to("cpu").long()]
         return (a / (1 - a)).to(device=t.device, dtype=torch.float32)
 
+    def describe(self) -> str:
+        zsnr = ", zero terminal SNR" if float(self.alphas_cumprod[-1]) < 1e-6 else ""
+        return f"prediction: {self.prediction} ({self.num_timesteps}-step discrete schedule{zsnr})"
+
+    def identity(self) -> str:
+        import hashlib
+
+        values = self.alphas_cumprod.to(torch.float32).numpy().tobytes()  # float32: robust to float64 rounding noise
+        return f"{self.describe()} {hashlib.sha256(values).hexdigest()[:16]}"
+
 
 def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): shift and scale
@@ -206,6 +224,12 @@ class FlowSchedule(NoiseSchedule):
     def snr(self, t):
         sigma = t.to(torch.float32)
         return ((1 - sigma) / sigma) ** 2
+
+    def describe(self) -> str:
+        return f"prediction: flow (rectified flow, shift {self.shift:g})"
+
+    def identity(self) -> str:
+        return self.describe()
 
 
 def describe_timesteps(cfg: ObjectiveConfig) -> str:

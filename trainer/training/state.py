@@ -117,13 +117,29 @@ def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return adapters, training, meta
 
 
-def check_compatible(meta: dict[str, Any], *, config_digest: str, model_id: str, path: Path) -> None:
-    """A resume must use the same model and the same training settings, or it silently trains something else."""
-    if meta.get("model_id") and meta["model_id"] != model_id:
+def check_resumable(meta: dict[str, Any], identity, path: Path) -> list[str]:
+    """May the run saved with ``meta`` continue as the run ``identity`` (a :class:`RunIdentity`)?
+
+    Another model or other settings would silently train something else: refused, naming which. Changed data is
+    allowed (a dataset grows while a LoRA trains); the returned notes say so, for the node's text and the log."""
+    from .identity import RunIdentity
+
+    saved = RunIdentity.from_dict(meta.get("identity"))
+    if saved is None:
+        raise TrainingError(f"'{path}' was saved by an older LoRA Lab that did not record the run's identity, so it "
+                            "cannot be checked against this model and these settings; start a new run (another "
+                            "run name or output folder)")
+    changed = saved.differences(identity)
+    if "model" in changed:
         raise TrainingError(
-            f"resume folder '{path}' was trained on a different model (identity {meta['model_id']}, now {model_id}); "
-            "load the same checkpoint, or start a new run")
-    if meta.get("config_digest") and meta["config_digest"] != config_digest:
+            f"'{path}' was trained on a different model (its weights, the LoRAs or patches applied to it, its text "
+            "encoder or its noise schedule / prediction type differ); load the same model, or start a new run")
+    if "settings" in changed:
         raise TrainingError(
-            f"resume folder '{path}' was made with different training settings (config {meta['config_digest']}, "
-            f"now {config_digest}); restore the settings of that run (its config.json), or start a new run")
+            f"'{path}' was made with different training settings; restore the settings of that run (its "
+            "config.json), or start a new run. Steps, save_every, keep_last, output dtype, gradient checkpointing "
+            "and previews may change freely")
+    if "data" in changed:
+        return ["resuming onto a changed dataset (images, crops, captions or caption options differ from the saved "
+                "run): training continues from the saved state on the new data"]
+    return []
