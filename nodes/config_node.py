@@ -85,7 +85,9 @@ class ConfigureLoRA(io.ComfyNode):
                                tooltip="Keep an exponential moving average of the adapter weights (e.g. 0.999) and "
                                "save it as a second file. 0 disables."),
                 io.Int.Input("clip_skip", default=1, min=1, max=12,
-                             tooltip="Use the text encoder's n-th layer from the end (2 for many anime models)."),
+                             tooltip="Text-encoder layer to train on, as in your generation graph: 1 = no 'CLIP Set "
+                             "Last Layer' node (SD1.5: last layer; SDXL: already the penultimate), N = that node at "
+                             "-N. 2 for many SD1.5 anime models; on SDXL 1 and 2 are the same."),
                 io.Combo.Input("continue_from", options=_lora_files(), default="none", optional=True,
                                tooltip="Start from an existing LoRA in models/loras instead of from scratch (its "
                                "rank and alpha are kept; targets and text-encoder setting must match it). 'none': "

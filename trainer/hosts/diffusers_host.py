@@ -2,6 +2,10 @@
 
 It serves the headless CLI and lets the tests run the whole engine on tiny random models without ComfyUI.
 Folder layout: unet/, vae/, text_encoder/, tokenizer/ (+ text_encoder_2/, tokenizer_2/ for SDXL), scheduler/.
+
+Text conditioning is defined by what ComfyUI feeds the UNet at inference, so a LoRA trained here sees the same
+context as one trained by the ComfyUI host (see `context_layer`). The tokenizers' own padding is used: a diffusers
+SDXL folder's tokenizer_2 pads with "!" (id 0), which is ComfyUI's CLIP-G rule; CLIP-L pads with the end token.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ class DiffusersHost:
         self._scaling = float(self.vae.config.scaling_factor)
         self._shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.image_encoder_id = module_fingerprint(self.vae, "diffusers-vae")
-        self.text_encoder_id = "+".join(module_fingerprint(e, "diffusers-te") for e in self.encoders)
+        # The tag names the layer rule: text embeddings cached under the old rule must not be reused.
+        self.text_encoder_id = "+".join(module_fingerprint(e, "diffusers-te/comfy-layers") for e in self.encoders)
         self.model_id = module_fingerprint(self.unet, "diffusers-unet")
 
     # --- modules -------------------------------------------------------------------------------------------
@@ -130,23 +135,23 @@ class DiffusersHost:
     def text_forward(self, captions: Sequence[str], clip_skip: int = 1):
         """(context, pooled) on the device, with autograd (text-encoder training calls this directly).
 
-        SD1.5: hidden state `clip_skip` layers from the end, final layer norm applied (as A1111/kohya do).
-        SDXL: the penultimate hidden state of both encoders, concatenated; pooled = encoder 2's projection.
+        clip_skip means what it means in ComfyUI's graph: 1 is what CLIP Text Encode gives with no "CLIP Set Last
+        Layer" node, N >= 2 is "CLIP Set Last Layer" at -N (see `context_layer`). SDXL: both encoders' states are
+        concatenated (CLIP-L first); pooled = CLIP-G's projected pooled output, which no clip_skip changes.
         """
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+            # 77 = the encoder's positions; ComfyUI's own tokenizer files say model_max_length 8192.
+            ids = tokenizer(list(captions), padding="max_length", max_length=encoder.config.max_position_embeddings,
                             truncation=True, return_tensors="pt").input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
-            if self.family == "sd15":
-                state = out.hidden_states[-clip_skip]
-                if clip_skip > 1:
-                    state = getattr(encoder, "text_model", encoder).final_layer_norm(state)
-                hidden.append(state)
-            else:
-                hidden.append(out.hidden_states[-(1 + clip_skip)])
-                if hasattr(out, "text_embeds"):
-                    pooled = out.text_embeds
+            index, norm = context_layer(self.family, clip_skip, encoder.config.num_hidden_layers)
+            state = out.hidden_states[index]
+            if norm:
+                state = getattr(encoder, "text_model", encoder).final_layer_norm(state)
+            hidden.append(state)
+            if self.family == "sdxl" and hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
         return torch.cat(hidden, dim=-1), pooled
 
     # --- services ---------------------------------------------------------------------------------------------
@@ -160,6 +165,21 @@ class DiffusersHost:
     def check_interrupt(self) -> None:
         if self._interrupt is not None:
             self._interrupt()
+
+
+def context_layer(family: str, clip_skip: int, num_layers: int) -> tuple[int, bool]:
+    """(index into a transformers CLIP's `hidden_states`, apply the final LayerNorm?) for one text encoder.
+
+    Mirrors ComfyUI (comfy/sd1_clip.py, sdxl_clip.py): its layer -N is transformers' `hidden_states[-N]` (that
+    tuple starts with the embeddings). SD1.5 encodes the last layer by default and applies the final LayerNorm to
+    any layer; SDXL encodes layer -2 of both encoders by default, without the LayerNorm, so clip_skip 1 and 2 are the
+    same. A layer beyond the encoder's depth makes ComfyUI fall back to the normed last layer.
+    """
+    if family == "sdxl" and clip_skip <= 2:
+        return -2, False
+    if clip_skip > num_layers:
+        return -1, True
+    return -clip_skip, family == "sd15"
 
 
 def _schedule_from_folder(folder: Path) -> DiscreteSchedule:
