@@ -33,19 +33,21 @@ def parse_strengths(text: str) -> list[float]:
 
 def sample_one(model, clip, vae, prompt: str, negative: str, seed: int, steps: int, cfg: float, sampler: str,
                scheduler: str, width: int, height: int) -> torch.Tensor:
-    """One image (H, W, 3) in [0, 1] through ComfyUI's KSampler path."""
+    """One image (H, W, 3) in [0, 1] through the calls KSampler makes (``comfy.sample``: the same noise for the same
+    seed, the same sampler), without importing ComfyUI's top-level ``nodes`` module."""
     import comfy.model_management
-
-    import nodes as comfy_nodes
+    import comfy.sample
 
     def encode(text):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
     channels = model.model.latent_format.latent_channels
     latent = torch.zeros([1, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, encode(prompt), encode(negative),
-                                         {"samples": latent})
-    return vae.decode(out["samples"])[0].float().cpu()
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, None)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, encode(prompt), encode(negative), latent,
+                                  disable_pbar=True, seed=seed)
+    return vae.decode(samples)[0].float().cpu()
 
 
 def make_grid(rows: Sequence[Sequence[torch.Tensor]], row_labels: Sequence[str], col_labels: Sequence[str]):

@@ -210,3 +210,29 @@ def test_training_continues_from_an_existing_lora_file(tiny_models, make_latents
     assert all(got[k].shape[1] == 8 and new[k].shape[1] == 4 for k in ups)  # the file's rank wins
     # a fresh network starts with zero up-weights; the continued one with the trained ones
     assert all(new[k].abs().max() < 1e-9 for k in ups) and all(got[k].abs().max() > 1e-4 for k in ups)
+
+
+def test_previews_that_reseed_the_global_rng_do_not_change_a_resumed_run(tiny_models, make_latents, tmp_path):
+    """ComfyUI's sampler reseeds torch's global RNG, which adapter dropout draws from. A run stopped right after a
+    preview and resumed must still equal the unstopped run (the loop forks the RNG around previews)."""
+    from trainer.training.loop import Hooks
+
+    folder = write_shape_dataset(tmp_path / "data", 4)
+    cfg = config(steps=6, network={"dropout": 0.3})
+    host = DiffusersHost(tiny_models("sd15"))
+    latents, dataset_cfg = make_latents(host, folder)
+
+    def reseeding_preview(step, network):
+        torch.manual_seed(1000 + step)  # what comfy.sample.prepare_noise does
+        torch.rand(10)
+        return None
+
+    def hooks():
+        return Hooks(preview=reseeding_preview, preview_every=2)
+
+    straight = train(host, latents, cfg, tmp_path / "straight", dataset_cfg=dataset_cfg, hooks=hooks())
+    stopped_host = DiffusersHost(tiny_models("sd15"), interrupt=InterruptAfter(2))
+    with pytest.raises(TrainingInterrupted):
+        train(stopped_host, latents, cfg, tmp_path / "stopped", dataset_cfg=dataset_cfg, hooks=hooks())
+    resumed = train(host, latents, cfg, tmp_path / "stopped", dataset_cfg=dataset_cfg, hooks=hooks(), resume=True)
+    assert resumed.losses == straight.losses

@@ -142,3 +142,57 @@ def test_stop_then_queue_again_finishes_like_an_unstopped_run(comfy_server, comf
     comfy_server.run_prompt(p, timeout=300)
     assert len(list((run_dirs(comfy_server, "straight")[-1] / "state").glob("step_*"))) >= 1
     assert time.monotonic() - started < 120
+
+
+def node_text(entry: dict, node: str) -> str:
+    return "\n".join(entry["outputs"][node]["text"])
+
+
+def test_run_identity_survives_ksampler_and_neutral_changes_and_ema_files_load(comfy_server, tiny_checkpoints,
+                                                                                  dataset):
+    """KSampler on Train LoRA's MODEL patches the shared weights in place; queueing again with only save_every
+    changed re-runs Train LoRA, which must find its finished run (same identity) instead of retraining. With EMA on,
+    Save LoRA writes <name>_ema.safetensors too, and stock LoraLoader loads both files with every key."""
+    prompt = shrink(example("sd15"), tiny_checkpoints["sd15"].name, dataset, "identity", previews=False)
+    prompt["4"]["inputs"]["ema_decay"] = 0.9
+    first = comfy_server.run_prompt(prompt, timeout=900)
+    assert "trained: 4 steps" in node_text(first, "5") and "EMA weights: kept" in node_text(first, "5")
+    run = run_dirs(comfy_server, "identity")
+    assert len(run) == 1
+    history = (run[0] / "history.jsonl").read_text()
+
+    again = copy.deepcopy(prompt)
+    again["5"]["inputs"]["save_every"] = 3
+    second = comfy_server.run_prompt(again, timeout=600)
+    assert "reused the finished run: 4 steps" in node_text(second, "5")
+    assert run_dirs(comfy_server, "identity") == run and (run[0] / "history.jsonl").read_text() == history
+
+    loras = comfy_server.models_dir / "loras" / "loralab"
+    assert (loras / "identity.safetensors").is_file() and (loras / "identity_ema.safetensors").is_file()
+    log_start = len(comfy_server.log_text())
+    for name in ("identity.safetensors", "identity_ema.safetensors"):
+        loaded = {k: v for k, v in copy.deepcopy(prompt).items() if k in ("1", "7", "8", "9", "10")}
+        loaded["20"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                              "lora_name": f"loralab/{name}",
+                                                              "strength_model": 1.0, "strength_clip": 1.0}}
+        loaded["7"]["inputs"]["clip"] = loaded["8"]["inputs"]["clip"] = ["20", 1]
+        loaded["10"]["inputs"]["model"] = ["20", 0]
+        loaded["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0],
+                                                              "filename_prefix": f"latents/{name[:-12]}"}}
+        comfy_server.run_prompt(loaded, timeout=600)
+    log = comfy_server.log_text()[log_start:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log
+
+
+def test_model_sampling_discrete_node_makes_train_lora_train_on_v(comfy_server, tiny_checkpoints, dataset):
+    """The core ModelSamplingDiscrete node (v_prediction, zsnr) in front of Train LoRA: it trains on v, and says so."""
+    p = shrink(example("sd15"), tiny_checkpoints["sd15"].name, dataset, "vpatched", steps=2, previews=False)
+    p = {k: v for k, v in p.items() if k in ("1", "2", "3", "4", "5")}
+    p["30"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction",
+                                                                "zsnr": True}}
+    p["4"]["inputs"]["model"] = p["5"]["inputs"]["model"] = ["30", 0]
+    text = node_text(comfy_server.run_prompt(p, timeout=600), "5")
+    assert "prediction: v (1000-step discrete schedule, zero terminal SNR)" in text
+    p["30"]["inputs"]["sampling"] = "lcm"
+    with pytest.raises(Exception, match="lcm"):
+        comfy_server.run_prompt(p, timeout=600)
