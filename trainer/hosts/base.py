@@ -2,7 +2,7 @@
 
 The engine never imports ComfyUI or diffusers model classes directly. It talks to a *host*, which wraps either
 ComfyUI's loaded MODEL/CLIP/VAE (``nodes/comfy_host.py``) or diffusers/transformers models
-(``trainer/hosts/diffusers_host.py``). See ``DESIGN.md`` ("The engine / host split").
+(``trainer/hosts/diffusers_host.py``). See ``ARCHITECTURE.md`` (the host).
 
 Conventions shared by every host:
 

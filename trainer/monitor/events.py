@@ -1,4 +1,4 @@
-"""Progress events: the versioned payload the Train LoRA node streams to the browser (see DESIGN.md, "Progress events").
+"""Progress events: the versioned payload the Train LoRA node streams to the browser (see ARCHITECTURE.md, "Progress events").
 
 The engine builds payloads with :class:`ProgressReporter` and hands them to an ``emit`` callable. Inside ComfyUI the
 node passes ``lambda p: PromptServer.instance.send_sync(EVENT_TYPE, p, client_id)``; headless runs pass a logger, a

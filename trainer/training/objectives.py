@@ -1,7 +1,7 @@
 """Training objective: noise (with offset), per-sample loss weights (min-SNR-gamma) and the loss itself.
 
 The loss is computed on the model's native output (eps / v / flow velocity) against ``schedule.target``; see
-``DESIGN.md``. All random draws come from the caller's CPU ``torch.Generator`` so a resumed run draws the same noise.
+``ARCHITECTURE.md``. All random draws come from the caller's CPU ``torch.Generator`` so a resumed run draws the same noise.
 """
 from __future__ import annotations
 
