@@ -229,4 +229,4 @@ def test_network_round_trip_through_a_file(tmp_path):
     other = LoRANetwork(targets, NetworkConfig(rank=2, alpha=1, targets="full"))
     other.load_kohya_state_dict(load_lora(path)[0])
     for name in ("lora_unet_l", "lora_unet_c"):
-        assert torch.equal(other.merged_delta(name), network.merged_delta(name))
+        assert torch.equal(other[name].delta_weight(), network[name].delta_weight())

@@ -146,7 +146,7 @@ def test_hooked_output_equals_merged_weights(make, x_shape):
     randomize_up(network)
     with torch.no_grad(), network.attached():
         hooked = layer(x)
-    weight = layer.weight + network.merged_delta("lora_unet_layer")
+    weight = layer.weight + network["lora_unet_layer"].delta_weight()
     if isinstance(layer, nn.Conv2d):
         merged = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation)
     else:
@@ -167,7 +167,7 @@ def test_adapters_stay_fp32_on_a_bf16_host():
     with torch.no_grad(), network.attached():
         out = layer(x)
     assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
-    merged = F.linear(x.float(), layer.weight.float() + network.merged_delta("lora_unet_layer"), layer.bias.float())
+    merged = F.linear(x.float(), layer.weight.float() + network["lora_unet_layer"].delta_weight(), layer.bias.float())
     torch.testing.assert_close(out.float(), merged, atol=0.05, rtol=0.02)
 
 

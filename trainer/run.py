@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from .config import BucketConfig, DatasetConfig, TrainConfig
 from .errors import TrainingError
+from .training.schedules import describe_timesteps
 
 FINAL_LORA = "final.safetensors"
 FINAL_EMA_LORA = "final_ema.safetensors"
@@ -46,12 +47,13 @@ class RunResult:
     precision: str  # e.g. "fp16 autocast with a gradient scaler (fp16 weights: ...)"
     notes: list[str] = field(default_factory=list)  # warnings and things the user should know
     estimate: str = ""
+    timesteps: str = "uniform"  # how noise levels were drawn (training/schedules.py describe_timesteps)
 
     def summary(self) -> str:
         """What the run did, for the node's text and the CLI (one fact per line)."""
         verb = {"reused": "reused the finished run", "resumed": "resumed and finished", "trained": "trained"}
         lines = [f"run: {self.run_dir}", f"{verb[self.outcome]}: {self.step} steps",
-                 self.prediction, f"precision: {self.precision}"]
+                 self.prediction + f", timesteps {self.timesteps}", f"precision: {self.precision}"]
         if self.losses:
             lines.append(f"final loss: {self.losses[-1]:.4f}")
         if self.ema is not None:
@@ -116,7 +118,8 @@ class Run:
         losses = [float(x) for x in read_history(self.run_dir).get("loss", [])][: self.cfg.steps]
         return RunResult(lora=tensors, ema=ema, metadata=metadata, losses=losses, run_dir=self.run_dir,
                          outcome="reused", step=self.cfg.steps, prediction=self.host.schedule.describe(),
-                         precision="", estimate=_read_estimate(self.run_dir))
+                         precision="", estimate=_read_estimate(self.run_dir),
+                         timesteps=describe_timesteps(self.cfg.objective))
 
     def _refuse_fewer_steps(self, snapshot: Path) -> None:
         saved = int(json.loads((snapshot / "meta.json").read_text()).get("step", 0))
@@ -178,7 +181,8 @@ class Run:
         return RunResult(lora=lora, ema=ema, metadata=metadata, losses=result.losses, run_dir=self.run_dir,
                          outcome="resumed" if resuming else "trained", step=result.step,
                          prediction=host.schedule.describe(), precision=precision.describe(),
-                         notes=result.notes + notes, estimate=estimate_text)
+                         notes=result.notes + notes, estimate=estimate_text,
+                         timesteps=describe_timesteps(cfg.objective))
 
     # ------------------------------------------------------------------------------------------------ the outputs
     def _metadata(self, steps: int) -> dict[str, str]:

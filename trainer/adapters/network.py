@@ -328,9 +328,3 @@ class LoRANetwork(nn.Module):
                                 f"(expected {want_down} / {want_up}); the LoRA was made for another model")
         alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)  # old files: alpha = rank
         return down, up, alpha
-
-    # --- inspection -----------------------------------------------------------------------------------------------
-    def merged_delta(self, name: str) -> torch.Tensor:
-        """The weight delta adapter ``name`` currently adds (up @ down * scale * multiplier), shaped like the
-        target weight, fp32 on the adapter's device. Adding it to the weight reproduces the hooked output."""
-        return self[name].delta_weight()

@@ -106,20 +106,11 @@ class DiffusersHost:
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self._shift) * self._scaling
 
-    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self._scaling + self._shift
-
     # --- encoders ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
         return self.vae.encode(pixels).latent_dist.mean.float().cpu()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> (B, H, W, 3) in [0, 1] (used for previews)."""
-        pixels = self.vae.decode(latents.to(self.device, self.dtype)).sample
-        return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], clip_skip: int = 1) -> list[dict[str, torch.Tensor]]:

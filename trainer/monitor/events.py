@@ -276,14 +276,6 @@ class ProgressReporter:
 
     # ------------------------------------------------------------------------------------------------ state updates
     @property
-    def phase_name(self) -> Optional[str]:
-        return self._phase
-
-    @property
-    def step_count(self) -> int:
-        return self._step
-
-    @property
     def it_per_s(self) -> Optional[float]:
         return self._rate
 

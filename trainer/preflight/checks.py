@@ -35,10 +35,12 @@ from ..choices import (
     TIMESTEP_SAMPLINGS,
 )
 from ..config import BucketConfig, DatasetConfig, TrainConfig
-from ..errors import TrainingError
+from ..data.dataset import _existing_folder
+from ..data.images import IMAGE_EXTENSIONS, is_image_file
+from ..errors import ConfigError, TrainingError
+from ..training.objectives import validate_objective
 
 LATENT_FACTOR = 8
-IMAGE_EXTENSIONS_FALLBACK = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DISK_MARGIN = 0.10  # want 10 % more free disk than the outputs are estimated to take
 SAFETENSORS_OVERHEAD = 64 * 1024  # header + metadata of one LoRA file (metadata holds the config JSON)
 MAX_LISTED = 5  # layers named in one "rank too large" problem
@@ -166,12 +168,8 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
 
     # --- objective numbers (the objective module's own messages) ---
     try:
-        from ..training.objectives import validate_objective
-
         validate_objective(cfg.objective)
-    except ImportError:
-        pass
-    except Exception as e:  # noqa: BLE001 - ConfigError: "objective.x = v must be ...": split setting from text
+    except ConfigError as e:  # noqa: BLE001 - ConfigError: "objective.x = v must be ...": split setting from text
         text = str(e)
         setting = text.split(" ", 1)[0] if text.startswith("objective.") else "objective"
         if not any(p.setting == setting for p in problems):
@@ -307,23 +305,13 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
     return problems
 
 
-def _image_extensions() -> tuple[str, ...]:
-    try:
-        from ..data.images import IMAGE_EXTENSIONS
-
-        return tuple(sorted(IMAGE_EXTENSIONS))
-    except Exception:  # noqa: BLE001
-        return IMAGE_EXTENSIONS_FALLBACK
-
-
 def count_images(folder: Path, limit: Optional[int] = None) -> int:
     """Image files under ``folder`` (hidden files/folders skipped, as the dataset scan does)."""
-    extensions = set(_image_extensions())
     count = 0
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+            if not name.startswith(".") and is_image_file(name):
                 count += 1
                 if limit is not None and count >= limit:
                     return count
@@ -338,18 +326,7 @@ def check_dataset(dataset_cfg: Optional[DatasetConfig]) -> tuple[list[Problem], 
     folder = dataset_cfg.folder
     fix_folder = "set dataset.folder to a folder of images (with .txt captions next to them)"
     try:
-        from ..data.dataset import _existing_folder
-
         root = _existing_folder(folder)
-    except ImportError:
-        root = None
-        if not folder or not str(folder).strip():
-            problems.append(Problem("dataset.folder", "no dataset folder given", fix_folder))
-        elif not Path(folder).expanduser().is_dir():
-            what = "is a file, not a folder" if Path(folder).expanduser().exists() else "does not exist"
-            problems.append(Problem("dataset.folder", f"'{folder}' {what}", fix_folder))
-        else:
-            root = Path(folder).expanduser()
     except TrainingError as e:
         root = None
         problems.append(Problem("dataset.folder", str(e).rstrip("."), fix_folder))
@@ -358,7 +335,7 @@ def check_dataset(dataset_cfg: Optional[DatasetConfig]) -> tuple[list[Problem], 
         images = count_images(root)
         if images == 0:
             problems.append(Problem("dataset.folder", f"'{root}' has no images (looked for "
-                                    f"{', '.join(_image_extensions())}, sub-folders included)",
+                                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}, sub-folders included)",
                                     "put the training images in that folder or choose another one"))
     if not _is_number(dataset_cfg.caption_dropout) or not (0 <= dataset_cfg.caption_dropout < 1):
         problems.append(Problem("dataset.caption_dropout", f"{dataset_cfg.caption_dropout!r} must be in [0, 1)",
