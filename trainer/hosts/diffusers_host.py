@@ -20,6 +20,7 @@ from ..errors import TrainingError
 from ..training.identity import module_fingerprint
 from ..training.schedules import DiscreteSchedule
 from .base import AdapterTarget, Conditioning, MemoryInfo
+from .refusals import input_channels_refusal, sd2_refusal
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
@@ -33,6 +34,7 @@ class DiffusersHost:
         folder = Path(folder)
         if not (folder / "unet").is_dir():
             raise TrainingError(f"model folder '{folder}' has no unet/ sub-folder: give a diffusers-layout model folder")
+        _refuse_unsupported(folder)  # from the config files, before gigabytes of weights load
         self.folder = folder
         self.device = torch.device(device)
         self.dtype = dtype
@@ -184,3 +186,37 @@ def _schedule_from_folder(folder: Path) -> DiscreteSchedule:
         schedule=config.get("beta_schedule", "scaled_linear"), num=config.get("num_train_timesteps", 1000),
         prediction=prediction,
     )
+
+
+LOAD_INSTEAD = "set 'model' to the diffusers folder of an SD1.5 or SDXL model"
+
+
+def _refuse_unsupported(folder: Path) -> None:
+    """Refuse, by name, folders the family test in ``DiffusersHost.__init__`` would take for SD1.5 (or SDXL).
+
+    SD2.x has SD1.5's layout (one text encoder, 4-channel latents); what gives it away is the UNet's 1024-wide
+    cross-attention (OpenCLIP ViT-H; SD1.5 is 768, SDXL 2048 with two encoders). Inpainting / instruct-pix2pix UNets
+    take extra input channels that training cannot supply (a shape error in the first step otherwise).
+    """
+    unet = _config_file(folder / "unet" / "config.json")
+    latent_channels = int(_config_file(folder / "vae" / "config.json").get("latent_channels", 4))
+    in_channels = int(unet.get("in_channels", latent_channels))
+    two_encoders = (folder / "text_encoder_2").is_dir()
+    pipeline = _config_file(folder / "model_index.json").get("_class_name") or "diffusers folder"
+    if not two_encoders and unet.get("cross_attention_dim") == 1024:
+        variant = [pipeline, "1024-wide cross-attention with one text encoder"]
+        if _config_file(folder / "scheduler" / "scheduler_config.json").get("prediction_type") == "v_prediction":
+            variant.append("v-prediction")
+        if in_channels != latent_channels:
+            variant.append(f"{in_channels}-channel UNet input")
+        raise sd2_refusal(", ".join(variant), LOAD_INSTEAD)
+    if in_channels != latent_channels:
+        # diffusers' conventions: inpainting concatenates mask (1) + masked-image latents, pix2pix the image latents
+        kind = {2 * latent_channels + 1: "inpainting", 2 * latent_channels: "instruct-pix2pix"}.get(in_channels)
+        family = "SDXL" if two_encoders else "SD1.5"
+        raise input_channels_refusal(in_channels, latent_channels, kind, pipeline, LOAD_INSTEAD, family)
+
+
+def _config_file(path: Path) -> dict:
+    """A diffusers JSON config, or {} when absent (from_pretrained then reports the missing file itself)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
