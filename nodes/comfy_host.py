@@ -15,6 +15,7 @@ import torch
 
 from ..trainer.errors import TrainingError, TrainingInterrupted
 from ..trainer.hosts.base import AdapterTarget, Conditioning, MemoryInfo
+from ..trainer.hosts.refusals import input_channels_refusal, sd2_refusal
 from ..trainer.training.identity import module_fingerprint
 from .identity import model_fingerprint
 from .sampling import schedule_from_sampling
@@ -33,6 +34,7 @@ class ComfyHost:
         self.vae = vae
         self.device = mm.get_torch_device()
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        _refuse_unsupported(self.base)  # first: SD2.x and inpainting UNets would pass the class tests below
         if isinstance(self.base, comfy.model_base.SDXL):
             self.family = "sdxl"
         elif type(self.base) is comfy.model_base.BaseModel:
@@ -116,26 +118,33 @@ class ComfyHost:
         """Load the model for training, evicting every other model first; undo everything on exit.
 
         The text encoder stays loaded only when captions are encoded during training. Weights ComfyUI created under
-        inference mode (a checkpoint loaded on the CPU) cannot take part in autograd, so for the run they are
-        swapped for ordinary copies; the original tensors are put back afterwards, untouched.
+        inference mode (a checkpoint loaded on the CPU or with --gpu-only, so no device move re-creates them) cannot
+        take part in autograd, so for the run they are swapped for ordinary tensors over the *same memory* (no
+        second copy of the UNet; see `_ordinary_alias`); the original tensor objects are put back afterwards.
         """
         if getattr(self, "_session_active", False):  # re-entered (the estimate and the loop share one session)
             yield
             return
         self._session_active = True
+        # Newer ComfyUI versions read this flag in model code to avoid in-place and inference-only fused kernels
+        # during training (it does not exist in every version; setting it where it does is what makes them safe).
+        was_training = getattr(self.mm, "in_training", None)
         self._keep_text_encoder = keep_text_encoder and self.clip is not None
-        self.mm.unload_all_models()
-        self.reload()
         encoders = list(self.text_encoders().values()) if train_text_encoder else []
         swapped = []
         norms = []
         try:
+            if was_training is not None:
+                self.mm.in_training = True
+            self.mm.unload_all_models()
+            self.reload()
             with torch.inference_mode(False):
                 for root in [self.unet] + encoders:
                     for module in root.modules():
                         for name, param in list(module._parameters.items()):
                             if param is not None and param.is_inference():
-                                module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                                module._parameters[name] = torch.nn.Parameter(_ordinary_alias(param),
+                                                                              requires_grad=False)
                                 swapped.append((module, name, param))
             norms = _norms_on_copies(encoders)
             yield
@@ -144,6 +153,8 @@ class ComfyHost:
                 module.__dict__.pop("forward", None)  # the class's forward again
             for module, name, param in swapped:
                 module._parameters[name] = param
+            if was_training is not None:
+                self.mm.in_training = was_training
             self._session_active = False
 
     def reload(self) -> None:
@@ -222,6 +233,50 @@ class ComfyHost:
     def check_interrupt(self) -> None:
         if self.mm.processing_interrupted():
             raise TrainingInterrupted()
+
+
+LOAD_INSTEAD = "load an SD1.5 or SDXL checkpoint with Load Checkpoint"
+
+
+def _refuse_unsupported(base) -> None:
+    """Refuse, by name, models that the family tests in ``ComfyHost.__init__`` would take for SD1.5/SDXL.
+
+    SD2.x builds the very class SD1.5 does (``BaseModel``), and inpainting / instruct-pix2pix UNets take extra input
+    channels that training cannot supply (a shape error deep in the first step otherwise). The evidence is the config
+    class ComfyUI's detection chose (``comfy.supported_models``), not the context width alone.
+    """
+    import comfy.model_base
+    import comfy.supported_models
+
+    config = base.model_config
+    latent_channels = base.latent_format.latent_channels
+    in_channels = int(config.unet_config.get("in_channels") or latent_channels)
+    if isinstance(config, comfy.supported_models.SD20):  # also SD21UnclipL/H, SD_X4Upscaler, LotusD
+        variant = [type(config).__name__]
+        if base.model_type == comfy.model_base.ModelType.V_PREDICTION:
+            variant.append("v-prediction")
+        if in_channels != latent_channels:
+            variant.append(f"{in_channels}-channel UNet input")
+        raise sd2_refusal(", ".join(variant), LOAD_INSTEAD)
+    if in_channels != latent_channels:
+        # getattr: IP2P is a mixin of recent ComfyUI versions; isinstance(x, ()) is simply False
+        if isinstance(base, getattr(comfy.model_base, "IP2P", ())):
+            kind = "instruct-pix2pix"
+        elif "mask" in getattr(base, "concat_keys", ()):  # what BaseModel.set_inpaint() declares
+            kind = "inpainting"
+        else:
+            kind = None
+        family = ("SDXL" if isinstance(base, comfy.model_base.SDXL)
+                  else "SD1.5" if isinstance(config, comfy.supported_models.SD15) else None)
+        raise input_channels_refusal(in_channels, latent_channels, kind, type(config).__name__, LOAD_INSTEAD, family)
+
+
+def _ordinary_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """An ordinary (non-inference) tensor over an inference tensor's own storage: autograd may save it for the
+    backward pass, and no memory is allocated (a clone would double the UNet's footprint). Call it outside inference
+    mode. Training never writes the frozen weights, so the original tensor's values stay as they were."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _norms_on_copies(encoders) -> list:

@@ -154,15 +154,9 @@ def _run(host, latents, cfg, run_name: str, resume_from: str, node_id, preview_p
               title=run_dir.name, trigger_phrase=latents.dataset_config.trigger_word,
               allow_over_memory=allow_over_memory, emit=fanout(_send), node=str(node_id), hooks=hooks,
               identity=identity)
-    was_training = getattr(mm, "in_training", None)
-    if was_training is not None:
-        mm.in_training = True
     try:
         return run.execute()
     except TrainingInterrupted:
         # The resumable state is saved; now report ComfyUI's own interruption (and clear its flag).
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
-    finally:
-        if was_training is not None:
-            mm.in_training = was_training

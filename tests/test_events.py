@@ -19,6 +19,7 @@ from trainer.monitor.events import (
     memory_info,
     memory_snapshot,
     preview_url,
+    reset_peak_memory,
 )
 
 
@@ -265,6 +266,28 @@ def test_memory_snapshot_on_cpu():
     sent = []
     ProgressReporter(sent.append, "1", "r", 10, device="cpu").phase("caching")
     assert sent[0]["mem"]["device"] == "cpu" and sent[0]["mem"]["total"] == snap["total"]
+
+
+def test_reset_peak_memory_is_a_no_op_on_the_cpu(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev=None: calls.append(dev))
+    for device in ("cpu", None, torch.device("cpu"), "mps"):
+        reset_peak_memory(device)  # never touches CUDA (which may not even be built in)
+    assert calls == []
+    assert memory_snapshot("cpu")["peak"] > 0  # the snapshot still works after it
+
+
+def test_reset_peak_memory_resets_the_cuda_counter_of_that_device(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev=None: calls.append(dev))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    reset_peak_memory("cuda")
+    reset_peak_memory(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 def test_emit_failures_never_break_training(caplog):

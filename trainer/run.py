@@ -143,9 +143,7 @@ class Run:
 
     def _train(self, precision, resuming: bool, warnings: list[str]) -> RunResult:
         from .files.atomic import write_text
-        from .monitor import events
-        from .monitor.events import ProgressReporter, fanout
-        reset_peak_memory = getattr(events, 'reset_peak_memory', lambda device: None)  # TEMP until helper lands
+        from .monitor.events import ProgressReporter, fanout, reset_peak_memory
         from .monitor.runlog import ESTIMATE_FILE, RunLog
         from .preflight.memory import check_fits, estimate_training_memory, measured_peak, oom_report
         from .training.loop import Hooks, text_encoder_stays_loaded, train

@@ -1,25 +1,43 @@
-"""Text conditioning for the loop: cached embeddings looked up by the exact caption string.
+"""Text conditioning for the loop: embeddings looked up by the exact caption string.
 
-How caption shuffle / dropout and the text cache fit together: the cache key is the *final* caption text (plus the
-encoder identity and clip skip). Captions as written are encoded once before training; a shuffled variant or the
-empty caption of dropout is encoded the first time it is drawn and cached like any other, so each distinct string
-is encoded once per model, ever. With text-encoder training on, nothing is cached: the encoders run every step.
+Two kinds of caption reach the text encoder, and they are kept differently:
+
+* **As written** -- the dataset's captions (trigger word inserted) and the empty caption of caption dropout. The
+  loop hands exactly this set to :meth:`TextEmbeddings.prefetch` before training. They are encoded once, cached on
+  disk by (caption, encoder identity, clip skip) -- so editing one caption re-encodes one caption -- and held in RAM
+  for the whole run (one entry per caption; the dataset bounds them).
+* **Per-step variants** -- whatever else :func:`~trainer.data.captions.build_caption` draws, i.e. shuffled tag
+  orders. Their number grows with the run (a caption of n shuffled tags has n! orders), so they are encoded on the
+  fly, never written to the disk cache, and held only in a small in-memory LRU of :data:`VARIANT_LRU_ITEMS`
+  entries. 64 entries are at most ~40 MiB for SDXL (77 x 2048 float32 context + pooled, ~0.6 MiB each) and ~15 MiB
+  for SD1.5; that covers the re-draws that do recur (short tag lists with few orders, a batch repeating a caption)
+  while keeping memory flat however long the run is. A variant equal to an as-written caption uses that entry.
+
+With text-encoder training on, nothing is cached: the encoders run every step.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+VARIANT_LRU_ITEMS = 64  # per-step caption variants held in RAM; see the module docstring for the sizing
+
+Embedding = dict[str, torch.Tensor]
+
 
 class TextEmbeddings:
-    def __init__(self, host, clip_skip: int, cache_dir: Optional[str | Path], trainable: bool):
+    def __init__(self, host, clip_skip: int, cache_dir: Optional[str | Path], trainable: bool,
+                 variant_items: int = VARIANT_LRU_ITEMS):
         self.host = host
         self.clip_skip = clip_skip
         self.trainable = trainable
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.memory: dict[str, Embedding] = {}  # as written: kept for the run (and on disk)
+        self.variants: OrderedDict[str, Embedding] = OrderedDict()  # per-step variants: LRU, never on disk
+        self.variant_items = max(0, int(variant_items))
         self.cache = None
         if cache_dir is not None and not trainable:
             from .cache import TextCache
@@ -27,11 +45,13 @@ class TextEmbeddings:
             self.cache = TextCache(Path(cache_dir))
         self.encoded = 0  # how many captions actually went through the text encoder (tests count this)
 
-    def _encode(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+    def _encode(self, captions: list[str]) -> list[Embedding]:
         self.encoded += len(captions)
         return self.host.encode_text(captions, self.clip_skip)
 
     def prefetch(self, captions: Sequence[str]) -> None:
+        """Encode the captions *as written* (disk-cached, kept in RAM for the run). Only call this with the
+        dataset's own captions and the dropout caption; per-step variants go through ``__call__`` alone."""
         if self.trainable:
             return
         missing = sorted({c for c in captions if c not in self.memory})
@@ -42,13 +62,35 @@ class TextEmbeddings:
         else:
             found = self._encode(missing)
         self.memory.update(zip(missing, found))
+        for caption in missing:
+            self.variants.pop(caption, None)  # now held as written
+
+    def _variant_lookup(self, captions: Sequence[str]) -> dict[str, Embedding]:
+        """Embeddings of captions that are not as written: LRU hits, the rest encoded now in one call."""
+        found: dict[str, Embedding] = {}
+        for caption in captions:
+            if caption in self.variants and caption not in found:
+                self.variants.move_to_end(caption)
+                found[caption] = self.variants[caption]
+        missing = list(dict.fromkeys(c for c in captions if c not in found))
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(missing)
+            for caption, item in zip(missing, encoded):
+                found[caption] = {k: v.detach().to("cpu") for k, v in item.items() if v is not None}
+        for caption in found:  # the whole batch's entries stay in `found`, so eviction cannot hit them mid-call
+            self.variants[caption] = found[caption]
+            self.variants.move_to_end(caption)
+        while len(self.variants) > self.variant_items:
+            self.variants.popitem(last=False)
+        return found
 
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(context (B, tokens, width), pooled (B, P) or None) for these captions, in order."""
         if self.trainable:
             return self.host.text_forward(list(captions), self.clip_skip)
-        self.prefetch(captions)
-        items = [self.memory[c] for c in captions]
+        variants = self._variant_lookup([c for c in captions if c not in self.memory])
+        items = [self.memory[c] if c in self.memory else variants[c] for c in captions]
         context = stack_contexts([item["context"] for item in items])
         pooled = torch.stack([item["pooled"] for item in items]) if "pooled" in items[0] else None
         return context, pooled

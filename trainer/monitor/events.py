@@ -195,6 +195,24 @@ def memory_snapshot(device: Any = None) -> dict:
     return {k: full[k] for k in MEM_KEYS}
 
 
+def reset_peak_memory(device: Any = None) -> None:
+    """Start a new peak: reset CUDA's ``max_memory_allocated`` counter for ``device`` (call at the start of each run).
+
+    Without it a run's reported ``peak`` (and the OOM message's "measured" figure) is the highest of every run in
+    this ComfyUI process, including ComfyUI's own sampling. A no-op elsewhere: MPS reports no peak counter, and the
+    CPU's peak RSS (``ru_maxrss``) is the process's lifetime high-water mark, which cannot be reset.
+    """
+    name = _device_str(device)
+    if name.split(":", 1)[0] != "cuda":
+        return
+    import torch
+
+    dev = torch.device(name)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.reset_peak_memory_stats(dev)
+
+
 def _normalize_mem(mem: Any) -> dict:
     """Accepts a mem dict, a MemoryInfo (or any dataclass with the fields) and returns the payload's ``mem``."""
     if is_dataclass(mem) and not isinstance(mem, type):
