@@ -64,8 +64,10 @@ wide), rank 16 "transformer" targets, AdamW, steps of ``trainer.training.loop.tr
   (bench rows under that allocator: 512 px b1, 512 px b2 checkpointed, 512 px b2 bf16) -> CPU_STEP_OVERHEAD.
 * with the default glibc allocator the process's peak RSS is higher again: freed activation blocks stay in the
   heap. That excess tracks the step's *un-checkpointed* saved activations (a checkpointed step recomputes them in
-  the backward pass, so it allocates and frees the same blocks): 0.54-0.97x over the five bench rows (bf16 lowest)
-  -> CPU_HEAP_SLACK = 0.75. With these constants every bench row is within 9 % (see bench/memory.py).
+  the backward pass, so it allocates and frees the same blocks): 0.44-0.61x over the five bench rows (bf16 lowest;
+  re-measured after the training step became its own function, which frees each micro-batch's tensors before the
+  next one: the older loop kept them and measured 0.54-0.97x) -> CPU_HEAP_SLACK = 0.6. With these constants every
+  bench row is within 10 % (see bench/memory.py).
 * real-size check (not a fit): on a full-size SD1.5 UNet (860 M, bf16 weights) the trace gives 1.3 GiB of
   activations at 512 px batch 1 without checkpointing and 0.34 GiB with it; with 1.6 GiB of weights that is 3.0 /
   2.0 GiB, against 2.9 / 2.0 GiB in SimpleTuner's published SD1.x LoRA table (H100, bf16, rank 16).
@@ -119,7 +121,7 @@ TIGHT_MARGIN = 0.25  # below 25 % headroom the verdict is "tight": it should fit
 # --- calibration constants (see the module docstring) ------------------------------------------------------------
 ACTIVATION_PEAK_FACTOR = 1.0  # peak live activation memory / traced saved bytes (measured 0.95 - 1.01)
 CPU_STEP_OVERHEAD = 128 * MIB  # live memory a CPU step needs beyond the counted tensors (measured 100-140 MiB)
-CPU_HEAP_SLACK = 0.75  # glibc heap kept on top of that, x the step's un-checkpointed saved activations (fitted)
+CPU_HEAP_SLACK = 0.6  # glibc heap kept on top of that, x the step's un-checkpointed saved activations (fitted)
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS/cuDNN handles (typical 350-600 MiB with lazy module loading)
 CUDA_ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of live tensors, x activations (not measured)
 FALLBACK_BYTES_PER_PIXEL_PER_SQRT_PARAM = 3.83  # x element size: 138 kB/latent pixel at 81.5 M params in fp32
