@@ -1,6 +1,7 @@
 """Where things live inside ComfyUI: dataset folders, LoRA files, run folders and caches."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def loralab_root() -> Path:
 
 
 def runs_root() -> Path:
-    return loralab_root() / "runs"
+    """Run folders: ``$LORALAB_RUNS_ROOT`` when set (e.g. a faster disk), else ``<output>/loralab/runs``. Train LoRA
+    and the live panel's routes both use this, so the panel always reads where training writes."""
+    override = os.environ.get("LORALAB_RUNS_ROOT", "").strip()
+    return Path(override).expanduser() if override else loralab_root() / "runs"
 
 
 def default_cache_dir() -> Path:

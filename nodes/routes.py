@@ -32,7 +32,6 @@ PREVIEW_PATH = "/loralab/runs/{run}/previews/{name}"
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 PathLike = Union[str, os.PathLike]
-_root_override: Optional[Path] = None
 _registered = False
 
 
@@ -45,27 +44,11 @@ class BadRequest(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------ runs root
-def set_runs_root(path: Optional[PathLike]) -> None:
-    """Override the runs root (tests, headless servers); None restores the default."""
-    global _root_override
-    _root_override = None if path is None else Path(path)
-
-
 def runs_root() -> Path:
-    """Where run folders live: the override (set_runs_root), else ``$LORALAB_RUNS_ROOT``, else the folder Train LoRA
-    writes to inside ComfyUI (``nodes/paths.py`` runs_root: ``<output>/loralab/runs``), else ``./runs`` when
-    ComfyUI is not importable (headless use)."""
-    if _root_override is not None:
-        return _root_override
-    env = os.environ.get("LORALAB_RUNS_ROOT")
-    if env:
-        return Path(env)
-    try:
-        from .paths import runs_root as comfy_runs_root  # the same function Train LoRA uses
+    """Where run folders live: the one definition Train LoRA writes with (``nodes/paths.py``)."""
+    from .paths import runs_root as the_runs_root
 
-        return comfy_runs_root()
-    except ImportError:  # not inside the pack's package, or no ComfyUI (folder_paths)
-        return Path("runs")
+    return the_runs_root()
 
 
 def valid_run_id(run: str) -> bool:
@@ -160,8 +143,8 @@ async def handle_preview(request, root: Optional[PathLike] = None):
 
 
 def make_routes(root: Optional[Union[PathLike, Callable[[], PathLike]]] = None) -> list:
-    """aiohttp RouteDefs for both routes. ``root``: a folder or a function returning one (default runs_root,
-    looked up per request so set_runs_root takes effect at once)."""
+    """aiohttp RouteDefs for both routes. ``root``: a folder or a function returning one (default: runs_root,
+    looked up per request)."""
     from aiohttp import web
 
     def current_root() -> Path:

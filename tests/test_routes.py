@@ -96,17 +96,6 @@ def test_symlink_out_of_the_root_is_refused(runs, tmp_path):
         routes.history_payload(runs, "escape")
 
 
-def test_runs_root_is_injectable(tmp_path, monkeypatch):
-    monkeypatch.delenv("LORALAB_RUNS_ROOT", raising=False)
-    routes.set_runs_root(tmp_path)
-    try:
-        assert routes.runs_root() == tmp_path
-    finally:
-        routes.set_runs_root(None)
-    monkeypatch.setenv("LORALAB_RUNS_ROOT", str(tmp_path / "env"))
-    assert routes.runs_root() == tmp_path / "env"
-
-
 # ---------------------------------------------------------------------------------------------- over HTTP
 needs_aiohttp = pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
                                    reason="aiohttp (ComfyUI's web server) is not installed: pip install aiohttp")

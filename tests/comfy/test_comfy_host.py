@@ -289,3 +289,12 @@ def test_configure_lora_continues_from_a_lora_in_models_loras(pack, tiny_models,
     key = identity(host, cfg, latents.samples, dataset_cfg).key
     save_lora(loras / "mine.safetensors", {k: v * 2 for k, v in trained.items()}, {}, dtype="fp32")
     assert identity(host, cfg, latents.samples, dataset_cfg).key != key
+
+
+def test_one_runs_root_for_training_and_the_panel(pack, comfy, tmp_path, monkeypatch):
+    paths, routes = pack("nodes.paths"), pack("nodes.routes")
+    monkeypatch.delenv("LORALAB_RUNS_ROOT", raising=False)
+    assert paths.runs_root() == Path(comfy.folder_paths.get_output_directory()) / "loralab" / "runs"
+    assert routes.runs_root() == paths.runs_root()
+    monkeypatch.setenv("LORALAB_RUNS_ROOT", str(tmp_path / "runs"))
+    assert paths.runs_root() == routes.runs_root() == tmp_path / "runs"

@@ -162,15 +162,17 @@ def test_run_identity_survives_ksampler_and_neutral_changes_and_ema_files_load(c
     history = (run[0] / "history.jsonl").read_text()
 
     again = copy.deepcopy(prompt)
-    again["5"]["inputs"]["save_every"] = 3
+    again["5"]["inputs"].update(save_every=3, model_weights="ema")  # and the MODEL output now carries the EMA
+    again["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "latents/ema_ours"}}
     second = comfy_server.run_prompt(again, timeout=600)
     assert "reused the finished run: 4 steps" in node_text(second, "5")
+    assert "MODEL output: ema weights" in node_text(second, "5")
     assert run_dirs(comfy_server, "identity") == run and (run[0] / "history.jsonl").read_text() == history
 
     loras = comfy_server.models_dir / "loras" / "loralab"
     assert (loras / "identity.safetensors").is_file() and (loras / "identity_ema.safetensors").is_file()
     log_start = len(comfy_server.log_text())
-    for name in ("identity.safetensors", "identity_ema.safetensors"):
+    for name, saved_as in (("identity.safetensors", "raw_stock"), ("identity_ema.safetensors", "ema_stock")):
         loaded = {k: v for k, v in copy.deepcopy(prompt).items() if k in ("1", "7", "8", "9", "10")}
         loaded["20"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                               "lora_name": f"loralab/{name}",
@@ -178,10 +180,19 @@ def test_run_identity_survives_ksampler_and_neutral_changes_and_ema_files_load(c
         loaded["7"]["inputs"]["clip"] = loaded["8"]["inputs"]["clip"] = ["20", 1]
         loaded["10"]["inputs"]["model"] = ["20", 0]
         loaded["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0],
-                                                              "filename_prefix": f"latents/{name[:-12]}"}}
+                                                              "filename_prefix": f"latents/{saved_as}"}}
         comfy_server.run_prompt(loaded, timeout=600)
     log = comfy_server.log_text()[log_start:]
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
+
+    from safetensors.torch import load_file
+
+    def latent(prefix):
+        return load_file(next((comfy_server.output_dir / "latents").glob(f"{prefix}_*.latent")))["latent_tensor"]
+
+    # model_weights=ema: Train LoRA's MODEL is exactly stock LoraLoader with the _ema file, and differs from the raw
+    assert torch.equal(latent("ema_ours"), latent("ema_stock"))
+    assert not torch.equal(latent("ema_stock"), latent("raw_stock"))
 
 
 def test_model_sampling_discrete_node_makes_train_lora_train_on_v(comfy_server, tiny_checkpoints, dataset):
