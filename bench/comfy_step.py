@@ -30,8 +30,9 @@ load of the checkpoint; ours and the floor share another, checked to be untouche
 A probe counts ResBlock forwards per step to show whether each side's gradient checkpointing really recomputes.
 
     COMFYUI_PATH=/work/ComfyUI /work/comfyvenv/bin/python bench/comfy_step.py
-    # last line: ours_over_builtin: <ratio>   (ours "full" / built-in; goal <= 0.6 on the CPU)
-Environment: BENCH_THREADS (torch threads, default 1), BENCH_ROUNDS (default 5), LORALAB_TINY_CKPT_DIR (where the
+    # ours_over_builtin: <ratio>   (SD1.5, ours "full" / built-in; goal <= 0.6 on the CPU), then the flow row
+    # (bench/comfy_flow.py, tiny Flux.1 dev) and the last line flow_ours_over_builtin: <ratio> (goal <= 0.6).
+Environment: BENCH_THREADS (torch threads, default 1), BENCH_ROUNDS (default 5), BENCH_FLOW=0 (skip the flow row), LORALAB_TINY_CKPT_DIR (where the
 tiny checkpoints are cached; default .pytest_cache/d/loralab-tiny-checkpoints, shared with the test suite).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def setup_paths() -> Path:
         sys.exit("bench/comfy_step.py: COMFYUI_PATH is not set. Point it at a ComfyUI checkout and run this with a "
                  "Python that has ComfyUI's requirements, e.g.\n"
                  "  COMFYUI_PATH=/work/ComfyUI /work/comfyvenv/bin/python bench/comfy_step.py")
-    for p in (ROOT / "tests" / "comfy", ROOT / "tests", ROOT):
+    for p in (ROOT / "tests" / "comfy", ROOT / "tests", ROOT, ROOT / "bench"):
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
     import harness
@@ -193,25 +194,9 @@ class Bench:
     # -- ComfyUI's built-in Train LoRA
     def builtin(self, steps: int = WARMUP + TIMED) -> tuple[float, float]:
         """(seconds per step from per-step timestamps, wall seconds of the whole node call)."""
-        import torch
-        from comfy_extras.nodes_train import TrainLoraNode
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        stamps = []
-        handle = register_optimizer_step_post_hook(
-            lambda *_: stamps.append(now()))
         start = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                TrainLoraNode().train(
-                    model=self.builtin_model, latents=self.latent_dict, positive=self.positive, batch_size=1,
-                    steps=steps, grad_accumulation_steps=1, learning_rate=LR, rank=RANK, optimizer="AdamW",
-                    loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
-                    gradient_checkpointing=True, existing_lora="[None]")
-        finally:
-            wall = time.perf_counter() - start
-            handle.remove()
-        assert len(stamps) == steps, (len(stamps), steps)
+        stamps = run_builtin(self.builtin_model, self.latent_dict, self.positive, steps, RANK, LR)
+        wall = time.perf_counter() - start
         return (per_step(stamps) if steps > WARMUP else None), wall
 
     # -- the floor
@@ -277,6 +262,28 @@ class Bench:
         forwards = sum("forward" in m.__dict__ for m in unet.modules())
         return (f"built-in after returning: {changed} base tensors changed, {wrapped} modules still carry its weight "
                 f"wrappers (cleared only at that MODEL's next load), {forwards} modules keep an instance `forward`")
+
+
+def run_builtin(model, latent_dict, positive, steps: int, rank: int, lr: float) -> list:
+    """ComfyUI's built-in TrainLoraNode under inference_mode, as its executor calls it: the settings that match
+    ours (LoRA, fp32, checkpointing, MSE, AdamW). Returns one (wall, cpu) stamp per optimizer step."""
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps = []
+    handle = register_optimizer_step_post_hook(lambda *_: stamps.append(now()))
+    try:
+        with torch.inference_mode():
+            TrainLoraNode().train(
+                model=model, latents=latent_dict, positive=positive, batch_size=1, steps=steps,
+                grad_accumulation_steps=1, learning_rate=lr, rank=rank, optimizer="AdamW", loss_function="MSE",
+                seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=True,
+                existing_lora="[None]")
+    finally:
+        handle.remove()
+    assert len(stamps) == steps, (len(stamps), steps)
+    return stamps
 
 
 def count_adapters(bench: Bench) -> str:
@@ -349,6 +356,12 @@ def main() -> None:
           f"ours full / floor+checkpointing: {wall['ours_full'] / wall['floor_ckpt']:.3f}; "
           f"total bench time {time.perf_counter() - t0:.0f} s")
     print(f"ours_over_builtin: {wall['ours_full'] / wall['builtin']:.3f}")
+    if os.environ.get("BENCH_FLOW", "1") != "0":
+        from comfy_flow import flow_rows  # bench/comfy_flow.py: the same comparison on a tiny Flux.1 dev
+
+        with tempfile.TemporaryDirectory(prefix="loralab-comfy-flow-") as tmp_name:
+            ratio = flow_rows(Path(tmp_name), now, per_step, WARMUP, TIMED, ROUNDS)
+        print(f"flow_ours_over_builtin: {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from ..trainer.errors import TrainingError, TrainingInterrupted
 from ..trainer.hosts.base import AdapterTarget, Conditioning, MemoryInfo
 from ..trainer.hosts.refusals import input_channels_refusal, sd2_refusal
+from ..trainer.families import config_value
 from ..trainer.training.identity import module_fingerprint
 from .identity import model_fingerprint
 from .sampling import schedule_from_sampling
@@ -23,7 +24,6 @@ from .sampling import schedule_from_sampling
 
 class ComfyHost:
     def __init__(self, model, clip=None, vae=None):
-        import comfy.model_base
         import comfy.model_management as mm
 
         self.mm = mm
@@ -34,19 +34,17 @@ class ComfyHost:
         self.vae = vae
         self.device = mm.get_torch_device()
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
-        _refuse_unsupported(self.base)  # first: SD2.x and inpainting UNets would pass the class tests below
-        if isinstance(self.base, comfy.model_base.SDXL):
-            self.family = "sdxl"
-        elif type(self.base) is comfy.model_base.BaseModel:
-            self.family = "sd15"
-        else:
-            raise TrainingError(
-                f"this model ({type(self.base).__name__}) is not supported yet: LoRA Lab trains SD1.5 and SDXL "
-                "checkpoints (load one with Load Checkpoint)")
+        self.family_spec = detect_family(self.base)
+        self.family = self.family_spec.name
+        self.is_dit = not self.family_spec.is_unet
+        self.per_sample_conditioning = self.is_dit  # the loop hands predict each sample's text entry
         self.sampling = model.get_model_object("model_sampling")
-        self.schedule = schedule_from_sampling(self.sampling)
+        self.schedule = schedule_from_sampling(self.sampling, self.family_spec)
         self.latent_channels = self.base.latent_format.latent_channels
-        self.context_width = int(self.base.model_config.unet_config.get("context_dim") or 0)
+        self.latent_dims = int(getattr(self.base.latent_format, "latent_dimensions", 2))
+        unet_config = self.base.model_config.unet_config
+        self.context_width = config_value(unet_config, self.family_spec.context_key) or 0
+        self.pooled_width = config_value(unet_config, self.family_spec.pooled_key) if self.is_dit else None
         self.model_id = model_fingerprint(model, self.unet, "diffusion_model.", "comfy-unet")
         self.image_encoder_id = vae_encoder(vae)[1] if vae is not None else ""
         self.text_encoder_id = (model_fingerprint(clip.patcher, clip.cond_stage_model, "", "comfy-clip")
@@ -57,7 +55,8 @@ class ComfyHost:
         return self.unet
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        if self.clip is None:
+        """The trainable text encoders by component (SD1.5/SDXL only: T5, Qwen, Gemma and UMT5 are not trained)."""
+        if self.clip is None or self.is_dit:
             return {}
         model = self.clip.cond_stage_model
         if self.family == "sd15":
@@ -65,8 +64,13 @@ class ComfyHost:
         return {"te1": model.clip_l.transformer, "te2": model.clip_g.transformer}
 
     def adapter_targets(self, target_set: str, conv: bool, text_encoder: bool) -> list[AdapterTarget]:
-        from ..trainer.adapters.targets import unet_targets
+        from ..trainer.adapters.targets import dit_targets, unet_targets
 
+        if self.is_dit:
+            if text_encoder:
+                raise TrainingError(f"train_text_encoder is on, but LoRA Lab trains the text encoders of SD1.5 and "
+                                    f"SDXL only, not {self.family_spec.title}'s: turn train_text_encoder off")
+            return dit_targets(self.unet, self.family_spec, target_set)
         ldm_to_diffusers = None
         if self.family == "sd15":  # kohya names SD1.5 modules by their diffusers paths
             import comfy.utils
@@ -93,6 +97,12 @@ class ComfyHost:
         """
         if not enabled:
             yield
+            return
+        if self.is_dit:
+            from .dit import checkpointed_blocks
+
+            with checkpointed_blocks(self.unet, self.family_spec.blocks):
+                yield
             return
         from torch.utils.checkpoint import checkpoint
 
@@ -131,12 +141,12 @@ class ComfyHost:
         was_training = getattr(self.mm, "in_training", None)
         self._keep_text_encoder = keep_text_encoder and self.clip is not None
         encoders = list(self.text_encoders().values()) if train_text_encoder else []
-        swapped = []
-        norms = []
+        swapped, frozen, norms = [], [], []
         try:
             if was_training is not None:
                 self.mm.in_training = True
             self.mm.unload_all_models()
+            self._refuse_partial_load()
             self.reload()
             with torch.inference_mode(False):
                 for root in [self.unet] + encoders:
@@ -146,9 +156,19 @@ class ComfyHost:
                                 module._parameters[name] = torch.nn.Parameter(_ordinary_alias(param),
                                                                               requires_grad=False)
                                 swapped.append((module, name, param))
-            norms = _norms_on_copies(encoders)
+                # ComfyUI leaves requires_grad on for weights it loads with load_state_dict: backward would then
+                # compute (and keep) a gradient for every frozen weight, a second model in memory, and fail on fp8.
+                for root in [self.unet] + encoders:
+                    for param in root.parameters():
+                        if param.requires_grad:
+                            param.requires_grad_(False)
+                            frozen.append(param)
+            # Flux / Chroma blocks add residuals in place, like CLIP's layers: their LayerNorms get copies too
+            norms = _norms_on_copies(encoders + ([self.unet] if self.family_spec.inplace_residuals else []))
             yield
         finally:
+            for param in frozen:
+                param.requires_grad_(True)
             for module in norms:
                 module.__dict__.pop("forward", None)  # the class's forward again
             for module, name, param in swapped:
@@ -156,6 +176,24 @@ class ComfyHost:
             if was_training is not None:
                 self.mm.in_training = was_training
             self._session_active = False
+
+    def _refuse_partial_load(self) -> None:
+        """Training needs every weight on the device. When they do not fit, ComfyUI would load the model partially
+        (low-VRAM offloading: frozen weights streamed in per layer), a path training here does not support yet (it
+        is untested without a GPU): refuse with the ways out instead of an out-of-memory error mid-step."""
+        if self.device.type == "cpu":
+            return
+        need = int(self.patcher.model_size())
+        if getattr(self, "_keep_text_encoder", False):
+            need += int(self.clip.patcher.model_size())
+        free = int(self.mm.get_free_memory(self.device))
+        if need > free:
+            gib = 1024 ** 3
+            raise TrainingError(
+                f"the {self.family_spec.title} weights need {need / gib:.1f} GiB but only {free / gib:.1f} GiB of "
+                f"{self.device} is free, so ComfyUI would load the model partially (low-VRAM offloading), which "
+                "LoRA Lab cannot train on yet. Load it with weight_dtype fp8_e4m3fn (Load Diffusion Model) to halve "
+                "it, close other programs using the GPU, or use a GPU with more memory")
 
     def reload(self) -> None:
         """(Re)load the model fully on the device, e.g. after a preview loaded the VAE next to it."""
@@ -165,6 +203,11 @@ class ComfyHost:
 
     # --- the denoiser ----------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.is_dit:  # timesteps are sigmas; ComfyUI's own conditioning and call (nodes/dit.py)
+            from .dit import predict, rows_as_items
+
+            items = cond.samples if cond.samples is not None else rows_as_items(cond, noisy.shape[0])
+            return predict(self, noisy, timesteps, items)
         t = timesteps.float()  # discrete schedules: the model takes the timestep index (ms.timestep(sigma))
         y = self._adm(cond, noisy) if self.family == "sdxl" else None
         return self.unet(noisy, t, context=cond.context, y=y, control=None, transformer_options={})
@@ -179,6 +222,8 @@ class ComfyHost:
         return torch.cat(rows).to(noisy.device, noisy.dtype)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.latent_dims == 3 and latents.ndim == 4:  # Wan / Qwen-Image take (B, C, frames, H, W): one frame
+            latents = latents.unsqueeze(2)
         return self.base.latent_format.process_in(latents)
 
     # --- encoders ---------------------------------------------------------------------------------------------
@@ -212,6 +257,8 @@ class ComfyHost:
         if self.clip is None:
             raise TrainingError("no CLIP connected to Train LoRA: it is needed to encode the captions")
         clip = self._clip_for(clip_skip)
+        if self.is_dit:
+            return self._encode_text_dit(clip, captions)
         out = []
         with torch.inference_mode():
             for caption in captions:
@@ -219,6 +266,23 @@ class ComfyHost:
                 item = {"context": cond[0].float().cpu().clone()}
                 if self.family == "sdxl" and pooled is not None:
                     item["pooled"] = pooled[0].float().cpu().clone()
+                out.append(item)
+        return out
+
+    def _encode_text_dit(self, clip, captions) -> list[dict[str, torch.Tensor]]:
+        """Each caption as the family's encoder returns it, all of it: no padding is added or removed, extras
+        (attention masks, ...) are kept, and the large contexts are stored in half precision (nodes/dit.py)."""
+        from .dit import compact, encoder_extras
+
+        out = []
+        with torch.inference_mode():
+            for caption in captions:
+                result = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+                item = {"context": compact(result["cond"][0].cpu().clone())}
+                pooled = result.get("pooled_output")
+                if torch.is_tensor(pooled):
+                    item["pooled"] = pooled[0].float().cpu().clone()
+                item.update(encoder_extras(result))
                 out.append(item)
         return out
 
@@ -235,11 +299,35 @@ class ComfyHost:
             raise TrainingInterrupted()
 
 
-LOAD_INSTEAD = "load an SD1.5 or SDXL checkpoint with Load Checkpoint"
+LOAD_INSTEAD = "load an SD1.5 or SDXL checkpoint with Load Checkpoint, or a model of a family listed in the README"
+
+
+def detect_family(base):
+    """The trainer/families.py entry for ComfyUI's loaded model, or a TrainingError naming what it is."""
+    import comfy.model_base
+
+    from ..trainer.families import FAMILIES, family_for_config
+
+    family = family_for_config([k.__name__ for k in type(base.model_config).__mro__])
+    if family is None or family.is_unet:
+        # first: SD2.x and inpainting UNets would pass the class tests below. (A DiT's in_channels count its
+        # patches, Chroma's and Qwen-Image's 64, so the UNet channel test is not for them.)
+        _refuse_unsupported(base)
+        if isinstance(base, comfy.model_base.SDXL):
+            return FAMILIES["sdxl"]
+        if type(base) is comfy.model_base.BaseModel:
+            return FAMILIES["sd15"]
+        raise TrainingError(
+            f"this model ({type(base).__name__}, detected by ComfyUI as {type(base.model_config).__name__}) is not "
+            f"supported yet: {LOAD_INSTEAD}")
+    if getattr(base, "concat_keys", ()):
+        raise TrainingError(f"this {family.title} model takes {', '.join(base.concat_keys)} inputs besides the noise "
+                            "(an inpainting / Fill / image-to-video variant): LoRA Lab trains text-to-image models")
+    return family
 
 
 def _refuse_unsupported(base) -> None:
-    """Refuse, by name, models that the family tests in ``ComfyHost.__init__`` would take for SD1.5/SDXL.
+    """Refuse, by name, models that the family tests in ``detect_family`` would take for SD1.5/SDXL.
 
     SD2.x builds the very class SD1.5 does (``BaseModel``), and inpainting / instruct-pix2pix UNets take extra input
     channels that training cannot supply (a shape error deep in the first step otherwise). The evidence is the config

@@ -104,7 +104,7 @@ class CacheLatents(io.ComfyNode):
             description="Sort images into aspect-ratio buckets, crop them, and encode them once with the VAE. "
                         "The cache is content-addressed: a second run with the same images is instant.",
             inputs=[
-                Dataset.Input("dataset", tooltip="From Load Dataset."),
+                Dataset.Input("dataset", tooltip="From Load Dataset, Dataset from Images or Combine Datasets."),
                 io.Vae.Input("vae", tooltip="The VAE of the checkpoint you will train (its latents are cached)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
                              tooltip="Training resolution: buckets have about resolution x resolution pixels. "

@@ -11,10 +11,12 @@ def estimate_for(host, cfg, latents, batch_size: int, keep_text_encoder: bool, b
     """Estimate training ``cfg`` on ``host`` at the largest bucket the cached latents use. Call it inside
     ``host.training_session()`` (the estimate traces the loaded model)."""
     from ..trainer.preflight.memory import estimate_training_memory
+    from .widget_names import comfy_naming
 
     buckets = sorted({s.bucket for s in latents.latents.samples})
     return estimate_training_memory(host, cfg, buckets, batch_size=batch_size,
-                                    resident_encoders=keep_text_encoder, batch_table=batch_table)
+                                    resident_encoders=keep_text_encoder, batch_table=batch_table,
+                                    naming=comfy_naming())
 
 
 def configure_estimate_text(model, latents, cfg, clip=None) -> str:

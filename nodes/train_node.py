@@ -27,15 +27,20 @@ class LoraStateDict(dict):
 
 
 def _send(payload: dict) -> None:
+    """To every open page (sid None broadcasts): a second tab, or a page opened mid-run, shows the run too. Each
+    page matches the event to its node by the node id and the run id (web/loralab_core.js eventBelongsTo)."""
     from server import PromptServer
 
-    server = PromptServer.instance
-    server.send_sync(EVENT, payload, server.client_id)
+    PromptServer.instance.send_sync(EVENT, payload, None)
 
 
 class TrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        import comfy.samplers
+
+        from .preview_settings import DEFAULT
+
         return io.Schema(
             node_id="LoraLab_TrainLoRA",
             display_name="Train LoRA (LoRA Lab)",
@@ -69,6 +74,32 @@ class TrainLoRA(io.ComfyNode):
                                tooltip="Which LoRA weights the MODEL output carries: the trained ones, or their "
                                "moving average (needs ema_decay > 0 in Configure LoRA). The LORA output carries "
                                "both, and Save LoRA writes both files."),
+                io.Boolean.Input("numbered_loras", default=False, optional=True, tooltip="Also write the LoRA "
+                                 "of every save_every step and of the last step to models/loras/loralab/<run "
+                                 "folder>/<run_name>-<step>.safetensors, so LoraLoader (and Compare LoRAs) can use "
+                                 "each checkpoint."),
+                io.Boolean.Input("tensorboard", default=False, optional=True, tooltip="Log loss, its EMA, "
+                                 "learning rate, gradient norm, memory and the previews to the run folder's "
+                                 "tensorboard/ (needs: pip install tensorboard). View: tensorboard --logdir "
+                                 "output/loralab/runs"),
+                io.String.Input("preview_negative", multiline=True, default="", optional=True,
+                                tooltip="Negative prompt for the previews."),
+                io.Int.Input("preview_steps", default=0, min=0, max=200, optional=True,
+                             tooltip="Sampling steps of a preview (0 = the model family's default: 20 for SD1.5 "
+                             "and SDXL)."),
+                io.Float.Input("preview_cfg", default=0.0, min=0.0, max=30.0, step=0.5, optional=True,
+                               tooltip="Classifier-free guidance of the previews (0 = the family's default: 7 for "
+                               "SD1.5 and SDXL, 1 for guidance-distilled Flux)."),
+                io.Combo.Input("preview_sampler", options=[DEFAULT] + list(comfy.samplers.KSampler.SAMPLERS),
+                               default=DEFAULT, optional=True, tooltip="Sampler of the previews, as in KSampler "
+                               "('default': the family's, euler for SD1.5 and SDXL)."),
+                io.Combo.Input("preview_scheduler", options=[DEFAULT] + list(comfy.samplers.KSampler.SCHEDULERS),
+                               default=DEFAULT, optional=True, tooltip="Scheduler of the previews, as in KSampler "
+                               "('default': the family's, normal for SD1.5 and SDXL)."),
+                io.Int.Input("preview_width", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="Preview width in pixels (0 = the training resolution)."),
+                io.Int.Input("preview_height", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="Preview height in pixels (0 = the training resolution)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -76,6 +107,9 @@ class TrainLoRA(io.ComfyNode):
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA (kohya keys): connect to Save LoRA."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step."),
                 io.Image.Output(display_name="loss_plot", tooltip="The loss curve as an image."),
+                io.String.Output(display_name="run_folder", tooltip="The run folder (its name under "
+                                 "output/loralab/runs): connect to Compare LoRAs' run_folder to compare the "
+                                 "numbered LoRAs of this run."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -84,7 +118,7 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, latents, config, steps, batch_size, seed, save_every, run_name, vae=None,
                 preview_prompts="", preview_every=0, resume_from="", allow_over_memory=False,
-                model_weights="trained") -> io.NodeOutput:
+                model_weights="trained", numbered_loras=False, tensorboard=False, **preview) -> io.NodeOutput:
         import comfy.sd
 
         from ..trainer.errors import TrainingError
@@ -98,7 +132,8 @@ class TrainLoRA(io.ComfyNode):
                                 "are no EMA weights; set ema_decay (e.g. 0.999) or choose 'trained'")
         host = ComfyHost(model.clone(), clip, vae)
         result = _run(host, latents, cfg, run_name, resume_from, cls.hidden.unique_id, preview_prompts,
-                      preview_every, allow_over_memory)
+                      preview_every, allow_over_memory, preview=preview, numbered_loras=numbered_loras,
+                      tensorboard=tensorboard)
         ema = LoraStateDict(result.ema, result.metadata) if result.ema is not None else None
         lora = LoraStateDict(result.lora, result.metadata, ema=ema)
         applied = ema if model_weights == "ema" else lora
@@ -107,24 +142,34 @@ class TrainLoRA(io.ComfyNode):
         text = result.summary() + (f"\nMODEL output: {model_weights} weights" if ema is not None else "")
         if result.estimate:
             text += "\n" + result.estimate
-        return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)}, plot,
+        from .paths import runs_root
+
+        folder = result.run_dir.name if result.run_dir.parent == runs_root() else str(result.run_dir)
+        return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)}, plot, folder,
                              ui={"text": [text], "loralab_run": [result.run_dir.name]})
 
 
 def _run(host, latents, cfg, run_name: str, resume_from: str, node_id, preview_prompts: str, preview_every: int,
-         allow_over_memory: bool):
-    """The engine's Run, with ComfyUI's progress bar, Stop, live events and previews wired in."""
+         allow_over_memory: bool, preview: dict | None = None, numbered_loras: bool = False,
+         tensorboard: bool = False):
+    """The engine's Run, with ComfyUI's progress bar, Stop, live events and previews wired in. ``preview``: the
+    node's preview_* inputs (``preview_settings.py``); ``numbered_loras``: write each checkpoint to models/loras."""
     import comfy.model_management as mm
     import comfy.utils
 
-    from ..trainer.errors import TrainingError, TrainingInterrupted
+    from ..trainer.errors import ConfigError, TrainingError, TrainingInterrupted
     from ..trainer.monitor.events import fanout
     from ..trainer.run import Run
     from ..trainer.training.identity import RunIdentity
     from ..trainer.training.loop import Hooks
-    from .paths import runs_root, sanitize_name
+    from ..trainer.training.schedules import resolve_timestep_sampling
+    from ..trainer.files.numbered import NumberedLoRAs
+    from .paths import numbered_lora_folder, refresh_lora_list, runs_root, sanitize_name
     from .preview_node import parse_prompts, training_preview
+    from .preview_settings import preview_settings
+    from .widget_names import comfy_naming
 
+    cfg = resolve_timestep_sampling(cfg, host.schedule)  # "auto" names the family's recipe: same run either way
     identity = RunIdentity.of(host, cfg, latents.latents.samples, latents.dataset_config)
     run_dir = runs_root() / f"{sanitize_name(run_name)}-{identity.key}"
     if resume_from.strip():
@@ -143,8 +188,8 @@ def _run(host, latents, cfg, run_name: str, resume_from: str, node_id, preview_p
         if host.vae is None:
             raise TrainingError("Train LoRA: preview prompts are set but no VAE is connected; connect the VAE "
                                 "(or set preview_every to 0)")
-        size = latents.bucket_config.resolutions[0]
-        settings = {"steps": 20, "cfg": 7.0, "seed": cfg.seed, "width": size, "height": size}
+        settings = preview_settings(host.family, seed=cfg.seed, resolution=latents.bucket_config.resolutions[0],
+                                    **{k.removeprefix("preview_"): v for k, v in (preview or {}).items()})
         hooks.preview = lambda step, network: training_preview(host, network, prompts, [0.0, 1.0], run_dir, step,
                                                                settings)
         hooks.preview_every = preview_every
@@ -153,10 +198,28 @@ def _run(host, latents, cfg, run_name: str, resume_from: str, node_id, preview_p
               bucket_cfg=latents.bucket_config, cache_dir=latents.cache_dir, image_count=latents.image_count,
               title=run_dir.name, trigger_phrase=latents.dataset_config.trigger_word,
               allow_over_memory=allow_over_memory, emit=fanout(_send), node=str(node_id), hooks=hooks,
-              identity=identity)
+              identity=identity, naming=comfy_naming(), tensorboard=tensorboard,
+              numbered=NumberedLoRAs(numbered_lora_folder(run_dir.name), sanitize_name(run_name),
+                                     cfg.output_dtype) if numbered_loras else None)
     try:
-        return run.execute()
+        result = run.execute()
+        if numbered_loras:
+            refresh_lora_list()  # LoraLoader lists the new checkpoints without a restart
+        return result
     except TrainingInterrupted:
         # The resumable state is saved; now report ComfyUI's own interruption (and clear its flag).
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
+    except (TrainingError, ConfigError) as e:
+        raise in_node_words(e, run.naming) from None
+
+
+def in_node_words(error: Exception, naming) -> Exception:
+    """The engine's error with the config keys it names (``optimizer.name``) in the node's words ("Configure LoRA's
+    optimizer"); the same exception when nothing changes."""
+    text = naming.text(str(error))
+    if text == str(error):
+        return error
+    renamed = type(error)(text)
+    renamed.__dict__.update(error.__dict__)  # e.g. the pre-flight problems
+    return renamed.with_traceback(error.__traceback__)

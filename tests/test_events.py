@@ -116,8 +116,10 @@ def test_phase_changes_and_terminal_events_are_always_sent():
 TYPES = {
     "v": int, "node": str, "run": str, "phase": str, "step": int, "total": int,
     "loss": (float, type(None)), "loss_ema": (float, type(None)), "lr": (float, type(None)),
-    "it_per_s": (float, type(None)), "eta_s": (float, type(None)), "mem": dict,
+    "it_per_s": (float, type(None)), "eta_s": (float, type(None)), "eta_detail": dict, "mem": dict,
 }
+ETA_DETAIL = {"training_s": (float, type(None)), "previews_left": int, "preview_cost_s": (float, type(None)),
+              "saves_left": int, "save_cost_s": (float, type(None))}
 
 
 def check_schema(p: dict) -> None:
@@ -127,6 +129,9 @@ def check_schema(p: dict) -> None:
         assert isinstance(p[k], t) and not isinstance(p[k], bool), (k, p[k])
     assert p["v"] == SCHEMA_VERSION
     assert p["phase"] in PHASES
+    assert set(p["eta_detail"]) == set(ETA_DETAIL)
+    for k, t in ETA_DETAIL.items():
+        assert isinstance(p["eta_detail"][k], t) and not isinstance(p["eta_detail"][k], bool), (k, p["eta_detail"])
     assert set(p["mem"]) - {"estimate"} == {"device", "allocated", "reserved", "peak", "total"}
     if "estimate" in p["mem"]:
         assert isinstance(p["mem"]["estimate"], int) and p["mem"]["estimate"] > 0
@@ -335,3 +340,61 @@ def test_payload_is_finite_json_even_with_tensor_inputs():
     rep.step(1, torch.tensor(0.25), torch.tensor(1e-4))
     check_schema(sent[-1])
     assert sent[-1]["loss"] == pytest.approx(0.25) and math.isclose(sent[-1]["lr"], 1e-4, rel_tol=1e-6)
+
+
+def test_eta_counts_the_previews_and_saves_still_to_come_at_their_measured_cost():
+    # 2 it/s, a preview every 10 steps that takes 30 s, a save every 25 steps that takes 2 s, 100 steps
+    rep, sent, clock = make(total=100, preview_every=10, save_every=25)
+    rep.phase("training")
+    for s in range(1, 11):
+        clock.advance(0.5)
+        rep.step(s, 0.1, 1e-4)
+    rep.flush()
+    before = sent[-1]
+    assert before["eta_detail"] == {"training_s": pytest.approx(45.0), "previews_left": 10, "preview_cost_s": None,
+                                    "saves_left": 3, "save_cost_s": None}
+    assert before["eta_s"] == pytest.approx(45.0)  # nothing measured yet: only what is known
+    rep.report("preview", step=10)  # the loop announces the preview, renders it, then announces the image
+    clock.advance(30)
+    rep.preview(10, "/step_10.png")
+    during = sent[-1]
+    assert during["phase"] == "preview" and during["eta_detail"]["preview_cost_s"] == pytest.approx(30.0)
+    assert during["eta_detail"]["previews_left"] == 9  # 20..100; the one of step 10 is done
+    assert during["eta_s"] == pytest.approx(45.0 + 9 * 30.0)
+    for s in range(11, 26):
+        clock.advance(0.5)
+        rep.step(s, 0.1, 1e-4)
+    rep.report("saving", step=25)
+    clock.advance(2)  # the snapshot
+    clock.advance(0.5)  # step 26 computes; its report ends the save (that step's time is not the save's)
+    rep.step(26, 0.1, 1e-4)
+    assert rep.costs == {"preview": pytest.approx(30.0), "saving": pytest.approx(2.0)}
+    p = rep.payload()
+    detail = p["eta_detail"]
+    # previews at 30..100 (8, the last step included), saves at 50 and 75 (the final one is not periodic)
+    assert detail["previews_left"] == 8 and detail["saves_left"] == 2
+    assert detail["preview_cost_s"] == pytest.approx(30.0) and detail["save_cost_s"] == pytest.approx(2.0)
+    assert detail["training_s"] == pytest.approx(74 / 2.0)
+    assert p["eta_s"] == pytest.approx(37.0 + 8 * 30.0 + 2 * 2.0)
+    # while a preview runs, what is left of it counts too
+    for s in range(27, 31):
+        clock.advance(0.5)
+        rep.step(s, 0.1, 1e-4)
+    rep.report("preview", step=30)
+    clock.advance(10)
+    p = rep.payload()
+    assert p["eta_detail"]["previews_left"] == 7
+    assert p["eta_s"] == pytest.approx(70 / 2.0 + 7 * 30.0 + 2 * 2.0 + (30.0 - 10.0))
+    rep.done()
+    assert sent[-1]["eta_s"] == 0.0
+
+
+def test_eta_without_previews_or_saves_is_the_steps_left():
+    rep, sent, clock = make(total=50)
+    for s in range(1, 11):
+        clock.advance(1.0)
+        rep.step(s, 0.1, 1e-4)
+    p = rep.payload()
+    assert p["eta_detail"]["previews_left"] == 0 and p["eta_detail"]["saves_left"] == 0
+    assert p["eta_s"] == pytest.approx(40.0)
+    json.loads(json.dumps(p, allow_nan=False))

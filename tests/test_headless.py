@@ -108,3 +108,6 @@ def test_demo_trains_and_writes_its_outputs(tmp_path):
     assert (tmp_path / "demo" / "demo_lora_ema.safetensors").is_file()  # the demo keeps an EMA of the adapters
     assert (tmp_path / "demo" / "run" / "loss.png").is_file()
     assert any(line.startswith("demo finished") for line in lines)
+    # the file `python -m trainer train --config` (also under torchrun, tests/test_distributed.py) trains
+    config = json.loads((tmp_path / "demo" / "demo_config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["output"]["run_dir"] == str(tmp_path / "demo" / "run")

@@ -230,3 +230,16 @@ def test_network_round_trip_through_a_file(tmp_path):
     other.load_kohya_state_dict(load_lora(path)[0])
     for name in ("lora_unet_l", "lora_unet_c"):
         assert torch.equal(other[name].delta_weight(), network[name].delta_weight())
+
+
+def test_holds_same_lora_compares_weights_and_shown_metadata_not_the_date(tmp_path):
+    from trainer.files.lora_file import holds_same_lora, save_lora
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.alpha": torch.tensor(2.0)}
+    meta = {"ss_steps": "4", "modelspec.title": "mine", "modelspec.date": "2025-01-01T00:00:00"}
+    path = save_lora(tmp_path / "a.safetensors", tensors, meta, dtype="fp16")
+    assert holds_same_lora(path, tensors, {**meta, "modelspec.date": "2026-01-01T00:00:00"}, dtype="fp16")
+    assert not holds_same_lora(path, tensors, meta, dtype="fp32")  # other stored weights
+    assert not holds_same_lora(path, {**tensors, "lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, meta)
+    assert not holds_same_lora(path, tensors, {**meta, "modelspec.title": "other"}, dtype="fp16")
+    assert not holds_same_lora(tmp_path / "missing.safetensors", tensors, meta)

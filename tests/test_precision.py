@@ -11,7 +11,7 @@ from trainer.adapters.network import LoRANetwork
 from trainer.config import NetworkConfig, TrainConfig
 from trainer.data.text import TextEmbeddings
 from trainer.hosts.diffusers_host import DiffusersHost
-from trainer.training.loop import collate, compute_loss, train
+from trainer.training.loop import SampleRng, collate, compute_loss, train
 from trainer.training.precision import resolve_precision
 
 CPU = torch.device("cpu")
@@ -52,9 +52,7 @@ def adapter_gradients(host, latents, precision, loss_scale: float = 1.0) -> torc
             lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.05)
     text = TextEmbeddings(host, 1, None, trainable=False)
     generator = torch.Generator().manual_seed(2)
-    import random
-
-    x0, cond = collate(host, latents.samples[:2], text, latents_cfg(), random.Random(0), generator, CPU)
+    x0, cond = collate(host, latents.samples[:2], text, latents_cfg(), [SampleRng.keyed(0), SampleRng.keyed(1)], CPU)
     timesteps = torch.tensor([200, 700])
     noise = torch.randn(x0.shape, generator=generator)
     scaler = precision.new_grad_scaler(CPU)

@@ -168,6 +168,56 @@ def test_low_precision_latents_keep_dtype_and_device():
 def test_describe_timesteps_for_logs():
     from trainer.training.schedules import describe_timesteps
 
-    assert describe_timesteps(ObjectiveConfig()) == "uniform"
+    assert describe_timesteps(ObjectiveConfig(timestep_sampling="uniform")) == "uniform"
     assert describe_timesteps(ObjectiveConfig(timestep_sampling="shifted", flow_shift=3)) == \
         "logit_normal(mean=0, std=1) shifted by 3"
+
+
+def test_flux_shift_follows_the_token_count_of_the_image():
+    """mu = 0.5 at 256 tokens (a 256 px image: 32x32 latent, 2x2 patches) to 1.15 at 4096 (1024 px); the SD3-style
+    shift is exp(mu), and the draw is the logit-normal one shifted by it."""
+    import math
+
+    from trainer.config import ObjectiveConfig
+    from trainer.training.schedules import FlowSchedule, flux_shift, time_shift
+
+    assert flux_shift((16, 32, 32)) == pytest.approx(math.exp(0.5))
+    assert flux_shift((16, 128, 128)) == pytest.approx(math.exp(1.15))
+    assert flux_shift((16, 96, 64)) == pytest.approx(math.exp(0.5 + 0.65 * (48 * 32 - 256) / 3840))
+    cfg = ObjectiveConfig(timestep_sampling="flux_shift")
+    small = FlowSchedule(3.0).sample_timesteps(4, torch.Generator().manual_seed(0), cfg, latent_shape=(16, 32, 32))
+    large = FlowSchedule(3.0).sample_timesteps(4, torch.Generator().manual_seed(0), cfg, latent_shape=(16, 128, 128))
+    plain = torch.sigmoid(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(small, time_shift(plain, math.exp(0.5)))
+    torch.testing.assert_close(large, time_shift(plain, math.exp(1.15)))
+    assert (large > small).all()  # bigger images train on noisier levels
+
+
+def test_auto_timestep_sampling_is_the_familys_recipe_and_the_same_run():
+    from trainer.config import TrainConfig
+    from trainer.training.identity import settings_digest
+    from trainer.training.schedules import DiscreteSchedule, FlowSchedule, resolve_timestep_sampling
+
+    cfg = TrainConfig()
+    assert cfg.objective.timestep_sampling == "auto"
+    sd = resolve_timestep_sampling(cfg, DiscreteSchedule.from_betas())
+    assert sd.objective.timestep_sampling == "uniform"
+    explicit = TrainConfig.from_dict({"objective": {"timestep_sampling": "uniform"}})
+    assert settings_digest(sd) == settings_digest(resolve_timestep_sampling(explicit, DiscreteSchedule.from_betas()))
+    sd3 = resolve_timestep_sampling(cfg, FlowSchedule(3.0, auto_sampling="shifted")).objective
+    assert (sd3.timestep_sampling, sd3.flow_shift) == ("shifted", 0.0)  # 0: the model's own shift
+    flux = resolve_timestep_sampling(cfg, FlowSchedule(3.16, auto_sampling="flux_shift")).objective
+    assert flux.timestep_sampling == "flux_shift"
+    g = torch.Generator().manual_seed(5)
+    drawn = FlowSchedule(3.0).sample_timesteps(8, g, cfg.objective, latent_shape=(16, 8, 8))  # auto: shifted
+    plain = torch.sigmoid(torch.randn(8, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(drawn, time_shift(plain, 3.0))
+
+
+def test_flux_shift_is_refused_on_a_discrete_schedule():
+    from trainer.config import ObjectiveConfig
+    from trainer.errors import ConfigError
+    from trainer.training.schedules import DiscreteSchedule
+
+    with pytest.raises(ConfigError, match="flow models"):
+        DiscreteSchedule.from_betas().sample_timesteps(1, None, ObjectiveConfig(timestep_sampling="flux_shift"))

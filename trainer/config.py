@@ -48,6 +48,9 @@ class NetworkConfig:
     conv_alpha: float = 1.0  # used with conv_rank > 0
     train_text_encoder: bool = False
     init_from: str = ""  # an existing LoRA file to continue training
+    algorithm: str = "lora"  # "lora" | "loha" | "lokr" | "dora" (trainer/adapters/algorithms.py)
+    lokr_factor: int = -1  # LoKr: size of the small Kronecker side (-1: the most balanced split of each layer)
+    lokr_full_matrix: bool = False  # LoKr: the large side as one full matrix instead of a rank-`rank` pair
 
 
 @dataclass
@@ -65,11 +68,14 @@ class OptimizerConfig:
     power: float = 1.0  # polynomial
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accumulation: int = 1
+    # LoRA+: the up/B factors train at learning_rate x this (0 = off; 16 is the paper's and kohya's usual value).
+    # An optimizer setting: it changes learning rates only, not what the network or its file holds.
+    loraplus_lr_ratio: float = 0.0
 
 
 @dataclass
 class ObjectiveConfig:
-    timestep_sampling: str = "uniform"  # uniform | logit_normal | shifted
+    timestep_sampling: str = "auto"  # auto (the family's recipe) | uniform | logit_normal | shifted | flux_shift
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 3.0

@@ -8,8 +8,12 @@ The same steps the ComfyUI nodes run, driven by one config file (JSON or YAML):
     dataset: {folder: my_images, trigger_word: ohwx, ...}          # trainer.config.DatasetConfig
     buckets: {resolutions: [512], min_bucket: 256, max_bucket: 1024}  # trainer.config.BucketConfig
     train: {steps: 1000, batch_size: 2, network: {rank: 16, alpha: 16}, optimizer: {learning_rate: 1e-4}}
-    output: {run_dir: runs/my_lora, lora: runs/my_lora/my_lora.safetensors, cache_dir: .cache/loralab}
+    output: {run_dir: runs/my_lora, lora: runs/my_lora/my_lora.safetensors, cache_dir: .cache/loralab,
+             numbered_loras: false, tensorboard: false}   # <lora>-<step>.safetensors beside it; <run_dir>/tensorboard
     resume: false
+
+Under ``torchrun`` / ``accelerate launch`` every process runs this (``training/distributed.py``): ``batch_size`` is
+per process, rank 0 caches first and is the only one that prints and writes files.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class HeadlessSpec:
     trigger_phrase: str = ""
     allow_over_memory: bool = False
     model_dtype: str = "fp32"
+    numbered_loras: bool = False  # also write <lora stem>-<step:06d>.safetensors beside output.lora
+    tensorboard: bool = False  # log to <run_dir>/tensorboard (needs the tensorboard package)
 
     @property
     def weights_dtype(self):
@@ -61,8 +67,13 @@ class HeadlessSpec:
         run_dir = Path(output.pop("run_dir", "runs/lora"))
         lora_path = Path(output.pop("lora", run_dir / f"{run_dir.name}.safetensors"))
         cache_dir = Path(output.pop("cache_dir", run_dir.parent / ".cache"))
+        switches = {key: output.pop(key, False) for key in ("numbered_loras", "tensorboard")}
         if output:
-            raise ConfigError(f"unknown output setting(s) {', '.join(sorted(output))}; known: run_dir, lora, cache_dir")
+            raise ConfigError(f"unknown output setting(s) {', '.join(sorted(output))}; known: run_dir, lora, "
+                              "cache_dir, numbered_loras, tensorboard")
+        for key, value in switches.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"output.{key} = {value!r} must be true or false")
         resolve = lambda p: p if p.is_absolute() else base / p  # noqa: E731 - paths are relative to the config
         dataset = _build(DatasetConfig, data.get("dataset") or {}, "dataset.")
         if dataset.folder and not Path(dataset.folder).is_absolute():
@@ -77,7 +88,7 @@ class HeadlessSpec:
             lora_path=resolve(lora_path), cache_dir=resolve(cache_dir), device=str(data.get("device", "cpu")),
             resume=bool(data.get("resume", False)), title=str(data.get("title", "")),
             trigger_phrase=str(data.get("trigger_phrase", dataset.trigger_word)),
-            allow_over_memory=bool(data.get("allow_over_memory", False)), model_dtype=model_dtype,
+            allow_over_memory=bool(data.get("allow_over_memory", False)), model_dtype=model_dtype, **switches,
         )
 
 
@@ -93,18 +104,27 @@ def run(spec: HeadlessSpec, echo=print):
     from .monitor.plot import save_loss_plot
     from .monitor.runlog import read_history
     from .preflight.checks import preflight, raise_problems
+    from .files.numbered import NumberedLoRAs
+    from .monitor.tensorboard import missing_message
+    from .preflight.naming import CONFIG_KEYS
     from .run import Run, ema_path
+    from .training import distributed
 
+    if not distributed.is_main():
+        echo = _quiet  # one voice: rank 0 prints for all processes
     torch.manual_seed(spec.train.seed)
     host = DiffusersHost(spec.model, device=spec.device, dtype=spec.weights_dtype)
     echo(f"model: {spec.model} ({host.family}, {host.schedule.describe()}) on {host.device}")
     # every settings problem at once, before any time is spent caching (the Run checks again with the cached data)
     raise_problems(preflight(host, spec.train, spec.dataset, spec.buckets, latent_channels_from_vae=host.latent_channels,
                              output_dir=spec.run_dir, cache_dir=spec.cache_dir))
+    if spec.tensorboard and missing_message():
+        raise ConfigError(CONFIG_KEYS.text(missing_message()))
     dataset = scan_dataset(spec.dataset, min_size=min(spec.buckets.resolutions))
     echo(dataset.report.to_text())
-    latents = prepare_latents(dataset, spec.buckets, host.encode_images, host.image_encoder_id,
-                              spec.cache_dir / "latents", seed=spec.train.seed)
+    with distributed.one_writer_first():  # rank 0 encodes what is missing, the others then find it in the cache
+        latents = prepare_latents(dataset, spec.buckets, host.encode_images, host.image_encoder_id,
+                                  spec.cache_dir / "latents", seed=spec.train.seed)
     echo(latents.report.to_text())
 
     def emit(payload: dict) -> None:
@@ -118,7 +138,11 @@ def run(spec: HeadlessSpec, echo=print):
                  cache_dir=spec.cache_dir, image_count=len(dataset.items),
                  resume="required" if spec.resume else "auto", title=spec.title or spec.lora_path.stem,
                  trigger_phrase=spec.trigger_phrase, allow_over_memory=spec.allow_over_memory, emit=emit,
-                 min_interval=1.0).execute()
+                 min_interval=1.0, tensorboard=spec.tensorboard,
+                 numbered=NumberedLoRAs(spec.lora_path.parent, spec.lora_path.stem, spec.train.output_dtype)
+                 if spec.numbered_loras else None).execute()
+    if not distributed.is_main():
+        return result  # the files are rank 0's to write
     echo(result.estimate)
     echo(result.summary())
     save_lora(spec.lora_path, result.lora, result.metadata, dtype=spec.train.output_dtype)
@@ -130,3 +154,7 @@ def run(spec: HeadlessSpec, echo=print):
     save_loss_plot(read_history(spec.run_dir), plot_path)
     echo(f"loss plot: {plot_path}")
     return result
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .adapters.algorithms import NAMES as ALGORITHM_NAMES
 from .choices import PRESETS as PRESET_NAMES
 from .config import TrainConfig
 from .errors import ConfigError
@@ -41,11 +42,19 @@ def apply_preset(config: TrainConfig, name: str) -> TrainConfig:
 def describe(config: TrainConfig) -> str:
     """A compact, readable summary of the effective settings (shown on the Configure LoRA node)."""
     n, o, j = config.network, config.optimizer, config.objective
+    algorithm = ALGORITHM_NAMES.get(n.algorithm, n.algorithm)
+    if n.algorithm == "lokr":
+        factor = "balanced split" if n.lokr_factor == -1 else f"factor {n.lokr_factor}"
+        shape = (f"LoKr full matrix ({factor})" if n.lokr_full_matrix else
+                 f"LoKr rank {n.rank}, alpha {n.alpha:g} (scale {n.alpha / n.rank:.3g}), {factor}")
+    else:
+        shape = f"{algorithm} rank {n.rank}, alpha {n.alpha:g} (scale {n.alpha / n.rank:.3g})"
     lines = [
-        f"network: LoRA rank {n.rank}, alpha {n.alpha:g} (scale {n.alpha / n.rank:.3g}), targets '{n.targets}'"
+        f"network: {shape}, targets '{n.targets}'"
         + (f", conv rank {n.conv_rank}" if n.conv_rank else "") + (", + text encoder" if n.train_text_encoder else ""),
         f"optimizer: {o.name}, lr {o.learning_rate:g}"
         + (f" (text encoder {o.text_encoder_lr:g})" if o.text_encoder_lr is not None else "")
+        + (f", LoRA+ ratio {o.loraplus_lr_ratio:g}" if o.loraplus_lr_ratio else "")
         + f", {o.scheduler}, warmup {o.warmup_steps}, weight decay {o.weight_decay:g}",
         f"objective: {j.loss} loss, timesteps {j.timestep_sampling}"
         + (f", min-SNR {j.min_snr_gamma:g}" if j.min_snr_gamma else "")

@@ -18,6 +18,7 @@ way out (another run name). Files in the run folder: ``final.safetensors`` (fp32
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from typing import Callable, Optional
 
 from .config import BucketConfig, DatasetConfig, TrainConfig
 from .errors import TrainingError
-from .training.schedules import describe_timesteps
+from .preflight.naming import CONFIG_KEYS
+from .training.schedules import describe_timesteps, resolve_timestep_sampling
 
 FINAL_LORA = "final.safetensors"
 FINAL_EMA_LORA = "final_ema.safetensors"
@@ -48,12 +50,15 @@ class RunResult:
     notes: list[str] = field(default_factory=list)  # warnings and things the user should know
     estimate: str = ""
     timesteps: str = "uniform"  # how noise levels were drawn (training/schedules.py describe_timesteps)
+    batch: str = ""  # the global batch, e.g. "4 (2 per process x 2 processes)" (describe_batch)
 
     def summary(self) -> str:
         """What the run did, for the node's text and the CLI (one fact per line)."""
         verb = {"reused": "reused the finished run", "resumed": "resumed and finished", "trained": "trained"}
         lines = [f"run: {self.run_dir}", f"{verb[self.outcome]}: {self.step} steps",
                  self.prediction + f", timesteps {self.timesteps}", f"precision: {self.precision}"]
+        if self.batch:
+            lines.append(f"batch: {self.batch}")
         if self.losses:
             lines.append(f"final loss: {self.losses[-1]:.4f}")
         if self.ema is not None:
@@ -67,12 +72,14 @@ class Run:
                  bucket_cfg: BucketConfig, cache_dir: str | Path, image_count: int, resume: str = "auto",
                  title: str = "", trigger_phrase: str = "", allow_over_memory: bool = False,
                  emit: Optional[Callable[[dict], None]] = None, node: str = "cli", min_interval: float = 0.25,
-                 hooks=None, identity=None, check_dataset_folder: bool = False):
+                 hooks=None, identity=None, check_dataset_folder: bool = False, naming=None, numbered=None,
+                 tensorboard: bool = False):
         from .training.identity import RunIdentity
 
         if resume not in RESUME_POLICIES:
             raise ValueError(f"resume must be one of {RESUME_POLICIES}, got {resume!r}")
-        self.host, self.latents, self.cfg = host, latents, cfg
+        # "auto" timestep sampling is the family's recipe: resolved first, so identity and file say what ran
+        self.host, self.latents, self.cfg = host, latents, resolve_timestep_sampling(cfg, host.schedule)
         self.run_dir = Path(run_dir)
         self.dataset_cfg, self.bucket_cfg = dataset_cfg, bucket_cfg
         self.cache_dir, self.image_count = Path(cache_dir), image_count
@@ -80,19 +87,31 @@ class Run:
         self.allow_over_memory, self.emit, self.node, self.min_interval = allow_over_memory, emit, node, min_interval
         self.check_dataset_folder = check_dataset_folder
         self.hooks = hooks
-        self.identity = identity or RunIdentity.of(host, cfg, latents.samples, dataset_cfg)
+        self.numbered, self.tensorboard = numbered, tensorboard  # optional outputs (outputs.py)
+        self.naming = naming or CONFIG_KEYS  # the words advice uses for settings (preflight/naming.py)
+        # The global batch defines the run: 2 processes at batch 2 continue what 1 process at batch 4 saved.
+        self.identity = identity or RunIdentity.of(host, _with_global_batch(self.cfg), latents.samples,
+                                                       dataset_cfg)
 
     # ------------------------------------------------------------------------------------------------ the sequence
     def execute(self) -> RunResult:
+        from .training import distributed
         from .training.precision import resolve_precision
         from .training.state import latest_snapshot
 
         precision = resolve_precision(self.cfg.mixed_precision, self.host.dtype, self.host.device)
         reused = self._finished_run()
+        snapshot = latest_snapshot(self.run_dir) if reused is None else None
+        distributed.check_same((reused is not None, snapshot.name if snapshot else None),
+                               f"states of the run folder '{self.run_dir}' (finished?, newest snapshot)")
         if reused is not None:
             reused.precision = precision.describe()
             return reused
-        snapshot = latest_snapshot(self.run_dir)
+        if self.tensorboard:
+            from .monitor.tensorboard import missing_message
+
+            if missing_message():
+                raise TrainingError(self.naming.text(missing_message()))
         if snapshot is None and self.resume == "required":
             raise TrainingError(f"nothing to resume in '{self.run_dir}': it has no saved state (state/step_*)")
         if snapshot is not None:
@@ -119,7 +138,7 @@ class Run:
         return RunResult(lora=tensors, ema=ema, metadata=metadata, losses=losses, run_dir=self.run_dir,
                          outcome="reused", step=self.cfg.steps, prediction=self.host.schedule.describe(),
                          precision="", estimate=_read_estimate(self.run_dir),
-                         timesteps=describe_timesteps(self.cfg.objective))
+                         timesteps=describe_timesteps(self.cfg.objective), batch=describe_batch(self.cfg))
 
     def _refuse_fewer_steps(self, snapshot: Path) -> None:
         saved = int(json.loads((snapshot / "meta.json").read_text()).get("step", 0))
@@ -138,49 +157,72 @@ class Run:
             self.host, self.cfg, self.dataset_cfg if self.check_dataset_folder else None, self.bucket_cfg,
             latent_channels_from_vae=samples[0].latent.shape[0] if samples else None,
             output_dir=self.run_dir.parent, cache_dir=self.cache_dir,
-            resume_dir=self.run_dir if resuming else None, identity=self.identity)
-        return [str(w) for w in raise_problems(problems)]
+            resume_dir=self.run_dir if resuming else None, identity=self.identity,
+            preview_every=self.hooks.preview_every if self.hooks and self.hooks.preview else 0)
+        return [w.render(self.naming) for w in raise_problems(problems, self.naming)]
 
     def _train(self, precision, resuming: bool, warnings: list[str]) -> RunResult:
         from .files.atomic import write_text
         from .monitor.events import ProgressReporter, fanout, reset_peak_memory
         from .monitor.runlog import ESTIMATE_FILE, RunLog
         from .preflight.memory import check_fits, estimate_training_memory, measured_peak, oom_report
+        from .training import distributed
         from .training.loop import Hooks, text_encoder_stays_loaded, train
 
         cfg, host = self.cfg, self.host
+        writer = distributed.is_main()  # one writer: only rank 0 touches the run folder
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(self.run_dir / "config.json", json.dumps(self._config_record(), indent=1))
+        if writer:
+            write_text(self.run_dir / "config.json", json.dumps(self._config_record(), indent=1))
         keep_te = text_encoder_stays_loaded(cfg, self.dataset_cfg)
         hooks = self.hooks or Hooks()
+        tensorboard = None
+        if writer:  # numbered LoRAs and TensorBoard: the writer's, like the run folder
+            from .monitor.tensorboard import TensorBoardLog
+            from .monitor.runlog import read_history
+            from .outputs import attach
+
+            tensorboard = TensorBoardLog(self.run_dir, memory=lambda: host.memory,
+                                         history=lambda: read_history(self.run_dir)) if self.tensorboard else None
+            hooks = attach(hooks, run_dir=self.run_dir, cfg=cfg, numbered=self.numbered, metadata=self._metadata,
+                           tensorboard=tensorboard)
         # One training session (model loaded, autograd-ready weights) serves the estimate's trace and the run.
         with host.training_session(keep_te, cfg.network.train_text_encoder):
             reset_peak_memory(host.device)  # the peak shown and compared with the estimate is this run's
             buckets = sorted({s.bucket for s in self.latents.samples})
-            estimate = estimate_training_memory(host, cfg, buckets, resident_encoders=keep_te)
-            fit_note = check_fits(estimate, self.allow_over_memory)
-            notes = warnings + ([fit_note] if fit_note else [])
+            estimate = estimate_training_memory(host, cfg, buckets, resident_encoders=keep_te, naming=self.naming)
+            fit_note = check_fits(estimate, self.allow_over_memory, self.naming)
+            notes = warnings + ([fit_note] if fit_note else []) + _per_process_note(host.device)
             estimate_text = "\n".join([estimate.to_text()] + notes)
-            write_text(self.run_dir / ESTIMATE_FILE, estimate_text + "\n")
+            if writer:
+                write_text(self.run_dir / ESTIMATE_FILE, estimate_text + "\n")
             hooks.oom_report = lambda step: oom_report(estimate, measured_peak(host), step)
-            with RunLog(self.run_dir) as runlog:
+            with (RunLog(self.run_dir) if writer else contextlib.nullcontext()) as runlog:
                 reporter = ProgressReporter(fanout(self.emit, runlog.write_latest), node=self.node,
                                             run=self.run_dir.name, total=cfg.steps, min_interval=self.min_interval,
-                                            estimate=estimate.comparable_peak)
-                reporter.report("encoding", step=0, mem=host.memory,
-                                message="; ".join([estimate.summary(), precision.describe()] + notes))
-                result = train(host, self.latents, cfg, self.run_dir, dataset_cfg=self.dataset_cfg,
-                               text_cache_dir=self.cache_dir / "text", resume=resuming, reporter=reporter,
-                               hooks=hooks, runlog=runlog, precision=precision, identity=self.identity)
+                                            estimate=estimate.comparable_peak, save_every=cfg.save_every,
+                                            preview_every=hooks.preview_every if hooks.preview else 0) \
+                    if writer else None
+                if reporter is not None:
+                    reporter.report("encoding", step=0, mem=host.memory, message="; ".join(
+                        [estimate.summary(), precision.describe(), f"batch {describe_batch(cfg)}"] + notes))
+                try:
+                    result = train(host, self.latents, cfg, self.run_dir, dataset_cfg=self.dataset_cfg,
+                                   text_cache_dir=self.cache_dir / "text", resume=resuming, reporter=reporter,
+                                   hooks=hooks, runlog=runlog, precision=precision, identity=self.identity)
+                finally:
+                    if tensorboard is not None:
+                        tensorboard.close()
         lora = result.network.kohya_state_dict()
         ema = _ema_state(result)
         metadata = self._metadata(result.step)
-        self._save_final(lora, ema, metadata)
+        if writer:
+            self._save_final(lora, ema, metadata)
         return RunResult(lora=lora, ema=ema, metadata=metadata, losses=result.losses, run_dir=self.run_dir,
                          outcome="resumed" if resuming else "trained", step=result.step,
                          prediction=host.schedule.describe(), precision=precision.describe(),
                          notes=result.notes + notes, estimate=estimate_text,
-                         timesteps=describe_timesteps(cfg.objective))
+                         timesteps=describe_timesteps(cfg.objective), batch=describe_batch(cfg))
 
     # ------------------------------------------------------------------------------------------------ the outputs
     def _metadata(self, steps: int) -> dict[str, str]:
@@ -191,6 +233,8 @@ class Run:
             resolution=max(self.bucket_cfg.resolutions), title=self.title or self.run_dir.name,
             trigger_phrase=self.trigger_phrase, notes="", steps=steps,
             extra={"ss_num_train_images": str(self.image_count),
+                   "ss_total_batch_size": str(_with_global_batch(self.cfg).batch_size
+                                              * self.cfg.optimizer.grad_accumulation),
                    IDENTITY_KEY: json.dumps(self.identity.to_dict(), sort_keys=True)})
 
     def _save_final(self, lora: dict, ema: Optional[dict], metadata: dict) -> None:
@@ -204,9 +248,46 @@ class Run:
         save_lora(self.run_dir / FINAL_LORA, lora, metadata, dtype="fp32")  # last: it marks the run finished
 
     def _config_record(self) -> dict:
+        from .training import distributed
+
         return {"train": self.cfg.to_dict(), "dataset": dataclasses.asdict(self.dataset_cfg),
                 "buckets": dataclasses.asdict(self.bucket_cfg), "identity": self.identity.to_dict(),
-                "model": {"family": self.host.family, "schedule": self.host.schedule.describe()}}
+                "model": {"family": self.host.family, "schedule": self.host.schedule.describe()},
+                "batch": {"per_process": self.cfg.batch_size, "processes": distributed.world_size(),
+                          "global": _with_global_batch(self.cfg).batch_size}}
+
+
+def _with_global_batch(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``batch_size`` = the global batch (``train.batch_size`` is per process)."""
+    from .training import distributed
+
+    return dataclasses.replace(cfg, batch_size=distributed.global_batch_size(cfg.batch_size))
+
+
+def describe_batch(cfg: TrainConfig) -> str:
+    """The global batch for the node's text and the run log: "4 (2 per process x 2 processes)", plus what gradient
+    accumulation makes of it."""
+    from .training import distributed
+
+    processes = distributed.world_size()
+    text = str(cfg.batch_size * processes)
+    if processes > 1:
+        text += f" ({cfg.batch_size} per process x {processes} processes)"
+    accumulation = cfg.optimizer.grad_accumulation
+    if accumulation > 1:
+        text += f", x {accumulation} accumulated = {cfg.batch_size * processes * accumulation} per optimizer step"
+    return text
+
+
+def _per_process_note(device) -> list[str]:
+    from .training import distributed
+
+    if distributed.world_size() == 1:
+        return []
+    local = distributed.local_world_size()
+    shared = (f"; the {local} processes on this machine share its RAM, about {local}x this in all"
+              if str(device).startswith("cpu") and local > 1 else "")
+    return [f"the memory estimate is per process ({distributed.world_size()} processes){shared}"]
 
 
 def _ema_state(result) -> Optional[dict]:

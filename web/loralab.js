@@ -10,7 +10,13 @@
 // <canvas>, redrawn through one requestAnimationFrame scheduler at most 4 times per second and only when dirty.
 //
 // The run id of the last run is stored in node.properties.loralab_run; on page load (or when a node joins a run
-// mid-way) the panel fetches /loralab/runs/<run>/history and redraws the whole curve.
+// mid-way) the panel fetches /loralab/runs/<run>/history and redraws the whole curve. Events go to every open page
+// (a second tab, or one opened mid-run, follows the run too); a page shows an event on its node only when the node
+// id and the run match (eventBelongsTo: the run folder is "<the node's run_name>-<key>", its resume_from, or the run
+// it already shows).
+//
+// Layout: every row wraps instead of cutting text, so step, speed, ETA and memory stay whole from ComfyUI's
+// minimum node width up; the status takes two rows (phase and step; speed and ETA with what the ETA includes).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
@@ -18,9 +24,10 @@ import {
   NODE_TYPE,
   ProgressStore,
   createFrameThrottle,
+  describeEta,
   describeMemory,
   downsampleMinMax,
-  formatDuration,
+  eventBelongsTo,
   formatLr,
   formatNumber,
   formatRate,
@@ -31,13 +38,14 @@ import {
   nodeIdMatches,
   yRange,
 } from "./loralab_core.js";
+import { attachReport } from "./loralab_reports.js";
 
 const EXTENSION = "loralab.livePanel";
 const WIDGET_NAME = "loralab_live";
 const PROP_RUN = "loralab_run";
 const PROP_LOG = "loralab_log_scale";
-const MIN_PANEL_HEIGHT = 264;
-const MIN_NODE_WIDTH = 380;
+const MIN_PANEL_HEIGHT = 300;
+const MIN_NODE_WIDTH = 400;
 const HISTORY_RETRY_MS = 5000;
 // While training, the exact curve is re-read from disk now and then (events carry at most 4 points per second, so
 // the live curve is a subsample at high it/s): every 10 s, up to every 60 s for very long runs.
@@ -126,6 +134,19 @@ function requestRedrawFor(key) {
   }
 }
 
+// What the page knows about a Train LoRA node to tell its runs from another page's (see eventBelongsTo).
+function widgetText(node, name) {
+  const linked = node.inputs?.find((i) => i.name === name)?.link;
+  if (linked !== undefined && linked !== null) return null; // the value comes from a link: unknown here
+  const w = node.widgets?.find((x) => x.name === name);
+  return w && typeof w.value === "string" ? w.value : null;
+}
+
+function nodeRunInfo(node) {
+  return { id: node.id, run: node.properties?.[PROP_RUN] ?? null, runName: widgetText(node, "run_name"),
+    resumeFrom: widgetText(node, "resume_from") };
+}
+
 // ------------------------------------------------------------------------------------------------- events
 function onProgress(event) {
   try {
@@ -135,7 +156,7 @@ function onProgress(event) {
     let shown = false;
     let newRun = false;
     for (const panel of panels) {
-      if (!nodeIdMatches(key, panel.node.id)) continue;
+      if (!panel.shows(st)) continue;
       shown = true;
       panel.node.properties = panel.node.properties || {};
       if (panel.node.properties[PROP_RUN] !== st.run) newRun = true;
@@ -178,10 +199,10 @@ const CSS = `
   min-height:${MIN_PANEL_HEIGHT - 12}px;padding:5px 6px;overflow:hidden;border-radius:6px;
   font:11px/1.3 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg-color,#ddd);
   background:var(--comfy-input-bg,#222);border:1px solid var(--border-color,#4e4e4e);container-type:inline-size}
-.loralab-row{display:flex;align-items:center;gap:8px;white-space:nowrap;min-height:16px;flex-shrink:0;line-height:1.45}
-.loralab-row>span{overflow:hidden;text-overflow:ellipsis;flex-shrink:1;min-width:0}
-.loralab-row>.loralab-phase,.loralab-row>.loralab-step,.loralab-row>.loralab-mem-label,.loralab-row>.loralab-mem-text,
-.loralab-row>.loralab-btn{flex-shrink:0}
+.loralab-row{display:flex;flex-wrap:wrap;align-items:center;column-gap:8px;row-gap:1px;min-height:16px;flex-shrink:0;
+  line-height:1.45}
+.loralab-row>span{white-space:nowrap}
+.loralab-row>.loralab-eta-detail{white-space:normal;min-width:0}
 .loralab-mem-label{font-weight:600}
 .loralab-mem-text{font-variant-numeric:tabular-nums}
 .loralab-phase{font-weight:600;padding:0 6px;border-radius:8px;font-size:10px;line-height:15px;
@@ -192,6 +213,8 @@ const CSS = `
 .loralab-phase[data-phase=stopped]{background:#a8671b}.loralab-phase[data-phase=error]{background:#c0392b}
 .loralab-step{font-weight:600;font-variant-numeric:tabular-nums}
 .loralab-muted{color:var(--descrip-text,#999);font-variant-numeric:tabular-nums}
+.loralab-rate,.loralab-eta{font-variant-numeric:tabular-nums}
+.loralab-eta{font-weight:600}
 .loralab-spacer{flex:1}
 .loralab-btn{font:inherit;font-size:10px;padding:0 6px;line-height:15px;border-radius:4px;cursor:pointer;
   color:var(--fg-color,#ddd);background:transparent;border:1px solid var(--border-color,#4e4e4e)}
@@ -207,14 +230,14 @@ const CSS = `
 .loralab-bar-peak{width:2px;background:#e0a030}
 .loralab-bar-est{width:2px;background:var(--fg-color,#ddd);opacity:.75}
 .loralab-panel[data-mem-high=true] .loralab-bar-alloc{background:#d9534f}
-.loralab-msg{color:var(--descrip-text,#999);white-space:nowrap;overflow:hidden;text-overflow:ellipsis;
-  line-height:1.5;flex-shrink:0}
-.loralab-msg[data-error=true]{color:var(--error-text,#ff6b6b);white-space:normal}
-.loralab-thumbs{display:flex;gap:4px;overflow:hidden}
+.loralab-msg{color:var(--descrip-text,#999);overflow:hidden;line-height:1.4;flex-shrink:0;display:-webkit-box;
+  -webkit-box-orient:vertical;-webkit-line-clamp:2;overflow-wrap:anywhere}
+.loralab-msg[data-error=true]{color:var(--error-text,#ff6b6b);-webkit-line-clamp:6}
+.loralab-thumbs{display:flex;gap:4px;overflow:hidden;flex-shrink:0}
 .loralab-thumbs:empty{display:none}
 .loralab-thumbs img{height:46px;width:46px;object-fit:cover;border-radius:4px;cursor:pointer;
   border:1px solid var(--border-color,#4e4e4e)}
-@container (max-width:300px){.loralab-wide,.loralab-rate{display:none}.loralab-thumbs img{height:34px;width:34px}}
+@container (max-width:300px){.loralab-thumbs img{height:34px;width:34px}}
 `;
 
 function ensureStyle() {
@@ -417,12 +440,16 @@ class Panel {
     const root = el("div", "loralab-panel");
     root.dataset.loralab = "panel";
 
-    const head = el("div", "loralab-row");
+    const head = el("div", "loralab-row loralab-status");
     this.phaseEl = el("span", "loralab-phase", "idle");
     this.stepEl = el("span", "loralab-step", "–");
-    this.pctEl = el("span", "loralab-muted loralab-pct loralab-wide", "");
-    this.rateEl = el("span", "loralab-muted loralab-rate", "");
-    this.etaEl = el("span", "loralab-muted loralab-eta", "");
+    this.pctEl = el("span", "loralab-muted loralab-pct", "");
+    const speed = el("div", "loralab-row loralab-speed");
+    this.rateEl = el("span", "loralab-rate", "");
+    this.etaEl = el("span", "loralab-eta", "");
+    this.etaDetailEl = el("span", "loralab-muted loralab-eta-detail", "");
+    speed.append(this.rateEl, this.etaEl, this.etaDetailEl);
+    this.speedEl = speed;
     this.logBtn = el("button", "loralab-btn", "log");
     this.logBtn.type = "button";
     this.logBtn.title = "Toggle a logarithmic loss axis";
@@ -432,7 +459,7 @@ class Panel {
       throttle.request(this);
     });
     this.logBtn.addEventListener("pointerdown", (e) => e.stopPropagation());
-    head.append(this.phaseEl, this.stepEl, this.pctEl, this.rateEl, this.etaEl, el("span", "loralab-spacer"), this.logBtn);
+    head.append(this.phaseEl, this.stepEl, this.pctEl, el("span", "loralab-spacer"), this.logBtn);
 
     this.canvas = el("canvas", "loralab-chart");
 
@@ -452,7 +479,7 @@ class Panel {
     const memRow = el("div", "loralab-row");
     this.memLabel = el("span", "loralab-mem-label", "Memory");
     this.memText = el("span", "loralab-mem-text", "n/a");
-    this.memDetail = el("span", "loralab-muted loralab-mem-detail loralab-wide", "");
+    this.memDetail = el("span", "loralab-muted loralab-mem-detail", "");
     memRow.append(this.memLabel, this.memText, el("span", "loralab-spacer"), this.memDetail);
     const bar = el("div", "loralab-bar");
     this.barRes = el("div", "loralab-bar-res");
@@ -468,7 +495,7 @@ class Panel {
     this.thumbs = el("div", "loralab-thumbs");
     this.thumbURLs = [];
 
-    root.append(head, this.canvas, stats, mem, this.msgEl, this.thumbs);
+    root.append(head, speed, this.canvas, stats, mem, this.msgEl, this.thumbs);
     this.root = root;
 
     const widget = node.addDOMWidget(WIDGET_NAME, "loralab_panel", root, {
@@ -486,8 +513,14 @@ class Panel {
     }
   }
 
+  /** Is `st` (a store state) a run of this node? See eventBelongsTo. */
+  shows(st) {
+    return !!st && eventBelongsTo(st.node ?? this.node.id, st.run, nodeRunInfo(this.node));
+  }
+
   state() {
-    return store.findFor(this.node.id);
+    const st = store.findFor(this.node.id);
+    return st && (st.run === null || this.shows(st)) ? st : null;
   }
 
   render() {
@@ -510,9 +543,12 @@ class Panel {
       this.pctEl.textContent = "";
     }
     this.rateEl.textContent = st && st.itPerS ? formatRate(st.itPerS) : "";
-    const eta = st && (st.phase === "training" || st.phase === "preview" || st.phase === "saving") && st.etaS !== null
-      ? `ETA ${formatDuration(st.etaS)}` : "";
-    this.etaEl.textContent = eta;
+    const running = st && (st.phase === "training" || st.phase === "preview" || st.phase === "saving");
+    const eta = running ? describeEta(st.etaS, st.etaDetail) : { main: "", detail: "" };
+    this.etaEl.textContent = eta.main;
+    this.etaDetailEl.textContent = eta.detail;
+    this.speedEl.title = eta.detail ? `${eta.main} (${eta.detail})` : "";
+    this.speedEl.style.display = this.rateEl.textContent || eta.main ? "" : "none";
     this.lossEl.textContent = `loss ${formatNumber(st?.loss)}`;
     this.emaEl.textContent = `EMA ${formatNumber(st?.lossEma)}`;
     this.lrEl.textContent = `LR ${formatLr(st?.lr)}`;
@@ -535,6 +571,7 @@ class Panel {
 
     const msg = st?.message || "";
     this.msgEl.textContent = msg;
+    this.msgEl.title = msg;
     this.msgEl.dataset.error = String(phase === "error");
     this.msgEl.style.display = msg ? "" : "none";
 
@@ -570,6 +607,7 @@ function attachPanel(node) {
   const panel = new Panel(node);
   node.__loralabPanel = panel;
   panels.add(panel);
+  attachReport(node); // the run's text report, below the panel
 
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {

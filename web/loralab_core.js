@@ -2,8 +2,9 @@
 // ComfyUI loads every .js file in web/ as an extension module; this one only defines exports (no side effects).
 //
 // Event payload (trainer/monitor/events.py, schema v1):
-//   {v, node, run, phase, step, total, loss, loss_ema, lr, it_per_s, eta_s,
+//   {v, node, run, phase, step, total, loss, loss_ema, lr, it_per_s, eta_s, eta_detail?,
 //    mem: {device, allocated, reserved, peak, total}, message?, preview?}
+//   eta_detail: {training_s, previews_left, preview_cost_s, saves_left, save_cost_s} (what eta_s is made of)
 // History route (nodes/routes.py): {run, history: {steps, loss, lr, time, marks}, latest}
 
 export const EVENT_TYPE = "loralab.progress";
@@ -263,10 +264,94 @@ export function parsePayload(p) {
     lr: num(p.lr),
     it_per_s: num(p.it_per_s),
     eta_s: num(p.eta_s),
+    eta_detail: parseEtaDetail(p.eta_detail),
     mem: p.mem && typeof p.mem === "object" ? { ...p.mem } : null,
     message: typeof p.message === "string" ? p.message : null,
     preview: typeof p.preview === "string" ? p.preview : null,
   };
+}
+
+function parseEtaDetail(d) {
+  if (!d || typeof d !== "object") return null;
+  const num = (v) => (isNum(v) && v >= 0 ? v : null);
+  const count = (v) => (isNum(v) && v >= 0 ? Math.floor(v) : 0);
+  return { trainingS: num(d.training_s), previewsLeft: count(d.previews_left), previewCostS: num(d.preview_cost_s),
+    savesLeft: count(d.saves_left), saveCostS: num(d.save_cost_s) };
+}
+
+/**
+ * The ETA as the panel shows it: `main` ("ETA 6m 12s", "ETA ≥ 23s" while a preview's cost is not known yet) and
+ * `detail`, what it includes ("incl. 3 previews × 1m 50s", "+ 3 previews, time unknown until the first"), or "".
+ * `etaS` already counts the previews and saves whose cost is measured (trainer/monitor/events.py).
+ */
+export function describeEta(etaS, detail) {
+  if (!isNum(etaS)) return { main: "", detail: "" };
+  const d = detail || null;
+  const unknown = [];
+  const included = [];
+  const part = (n, cost, one, many) => {
+    if (!d || n <= 0) return;
+    const what = `${n} ${n === 1 ? one : many}`;
+    if (cost === null) unknown.push(what);
+    else included.push(`${what} × ${formatDuration(cost)}`);
+  };
+  if (d) {
+    part(d.previewsLeft, d.previewCostS, "preview", "previews");
+    part(d.savesLeft, d.saveCostS, "save", "saves");
+  }
+  const main = `ETA ${unknown.length ? "≥ " : ""}${formatDuration(etaS)}`;
+  const bits = [];
+  if (included.length) bits.push(`incl. ${included.join(", ")}`);
+  if (unknown.length) bits.push(`+ ${unknown.join(", ")}, time unknown until the first`);
+  return { main, detail: bits.join("; ") };
+}
+
+/** nodes/paths.py sanitize_name: the run name as it starts the run folder's name ("my lora!" -> "my lora_"). */
+export function sanitizeRunName(name, fallback = "lora") {
+  const cleaned = String(name ?? "").replace(/[^A-Za-z0-9._ -]+/g, "_").replace(/^[ .]+|[ .]+$/g, "");
+  return cleaned.slice(0, 120) || fallback;
+}
+
+/**
+ * Does a (broadcast) event of run `run` from node `eventNode` belong to this page's node? Every open page gets every
+ * event, so the node id alone is not enough (another workflow can have a Train LoRA with the same id): the run
+ * folder must also be the node's: the run it already shows, or "<its run_name>-<key>", or its resume_from folder.
+ * `node` = {id, run (stored run id or null), runName (widget value, null when unknown), resumeFrom}.
+ */
+export function eventBelongsTo(eventNode, run, node) {
+  if (!node || !nodeIdMatches(eventNode, node.id) || typeof run !== "string") return false;
+  if (node.run && node.run === run) return true;
+  const resume = typeof node.resumeFrom === "string" ? node.resumeFrom.trim() : "";
+  if (resume && resume.replace(/[\/]+$/, "").split(/[\/]/).pop() === run) return true;
+  if (typeof node.runName !== "string") return true; // run_name comes from a link: nothing to compare with
+  return run.startsWith(sanitizeRunName(node.runName) + "-");
+}
+
+// ------------------------------------------------------------------------------------------------ reports
+/** Nodes whose text report is shown on the node (web/loralab_reports.js) -> the report widget's label. */
+export const REPORT_NODES = {
+  LoraLab_LoadDataset: "report",
+  LoraLab_DatasetFromImages: "report",
+  LoraLab_CombineDatasets: "report",
+  LoraLab_CacheLatents: "bucket report",
+  LoraLab_ConfigureLoRA: "summary",
+  LoraLab_TrainLoRA: "run report",
+};
+
+/** The report text in an `executed` message's output ({text: [...]}, what ui.PreviewText sends), or null. */
+export function reportText(output) {
+  const t = output?.text;
+  if (typeof t === "string") return t;
+  if (Array.isArray(t) && t.length && t.every((x) => typeof x === "string")) return t.join("\n");
+  return null;
+}
+
+/** Does the text hold a table (columns aligned by runs of spaces on two or more lines)? Then it is shown monospace. */
+export function looksTabular(text) {
+  if (typeof text !== "string") return false;
+  let aligned = 0;
+  for (const line of text.split("\n")) if (/\S {2,}\S/.test(line.trim()) || /^\s*\|.*\|\s*$/.test(line)) aligned++;
+  return aligned >= 2;
 }
 
 /** URL path of a preview file of a run (the routes in nodes/routes.py); `file` may carry folders. */
@@ -292,6 +377,7 @@ export function emptyState(node, run = null) {
     lr: null,
     itPerS: null,
     etaS: null,
+    etaDetail: null,
     mem: null,
     estimate: null, // the run's pre-flight memory estimate (text of estimate.txt, from the history route)
     message: null,
@@ -356,6 +442,7 @@ export function applyPayload(state, p) {
   if (p.lr !== null) state.lr = p.lr;
   state.itPerS = p.it_per_s;
   state.etaS = p.eta_s;
+  state.etaDetail = p.eta_detail;
   if (p.mem) state.mem = p.mem;
   state.message = p.message;
   if (p.loss !== null && p.step > 0) {

@@ -1,17 +1,23 @@
-// The live panel in the REAL ComfyUI page (run by tests/comfy/test_frontend_live.py against its comfy_server).
+// The live panel and the node reports in the REAL ComfyUI page (run by tests/comfy/test_frontend_live.py against
+// its comfy_server).
 //
 // Opens the running ComfyUI server's own frontend in Debian's Chromium through playwright-core (no browser download),
 // loads the shipped UI example example_workflows/train_then_generate_sd15.json with app.loadGraphData(), shrinks it
 // to tiny settings by setting widget values by name, queues it with app.queuePrompt(0, 1) (what the Run button
-// calls), then checks what the Train LoRA node's panel shows while it trains; reloads the page mid-run and checks
-// that the whole curve (every step up to the one seen before the reload) comes back; stops the run with
-// POST /interrupt and checks the panel says "stopped".
+// calls), then checks: the report of Load Dataset, Bucket & Cache Latents and Configure LoRA on each node; what the
+// Train LoRA node's panel shows while it trains, with step, it/s, ETA and memory uncut at the template's node width
+// and at the node's minimum width; a second page in another browser profile (another device) opened mid-run: its
+// node stays idle while its run_name is another run's, then follows this run live and draws the curve from step 1
+// (the history route); reloads the page mid-run and checks that the whole curve (every step up to the one seen
+// before the reload) and the reports come back; stops the run with POST /interrupt and checks "stopped".
 //
 // Input (environment): LORALAB_COMFY_URL, LORALAB_DATASET (absolute folder), LORALAB_CKPT (checkpoint file name in
 // models/checkpoints), LORALAB_RUN_NAME, LORALAB_STEPS (default 2000; the run is stopped), LORALAB_CHROMIUM (default /usr/bin/chromium),
 // LORALAB_ARTIFACTS (default <repo>/test-artifacts).
-// Output: screenshots frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png; a JSON
-// summary line "SUMMARY {...}". Exit codes: 0 pass, 1 fail, 77 a requirement is missing (the pytest wrapper skips).
+// Output: screenshots frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png,
+// frontend_live_second_page.png, panel_template_width.png, panel_min_width.png, node_load_dataset.png,
+// node_cache_latents.png, node_configure_lora.png; a JSON summary line "SUMMARY {...}". Exit codes: 0 pass, 1 fail,
+// 77 a requirement is missing (the pytest wrapper skips).
 import { mkdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -29,6 +35,8 @@ const RUN_NAME = process.env.LORALAB_RUN_NAME || "frontend_live";
 // SD1.5 trains at 1-10 it/s on a 2-core CPU, so ~60 steps can finish before the reloaded page is back.)
 const STEPS = Number(process.env.LORALAB_STEPS || 2000);
 const TRAIN_NODE = 5; // Train LoRA's id in the example workflow
+const REPORT_NODES = { 2: "node_load_dataset.png", 3: "node_cache_latents.png", 4: "node_configure_lora.png" };
+const VIEWPORT = { width: 1400, height: 1100 }; // the tallest node (Configure LoRA) fits at scale 1
 let EXT_URL = null; // our extension's module URL as the frontend imports it (same URL = same module instance)
 const t0 = Date.now();
 const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
@@ -86,17 +94,55 @@ async function waitForApp(page) {
   }
 }
 
-// Scale 1, Train LoRA near the top-left corner: the DOM widget is mounted (visible) and screenshots are legible.
-async function showTrainNode(page) {
+// A node near the top-left corner at scale 1 (less if it is taller than the window, so all of it shows): its DOM
+// widgets are mounted (visible) and screenshots are legible.
+async function showNode(page, id) {
   await page.evaluate((id) => {
     const node = app.graph.getNodeById(id);
     const ds = app.canvas.ds;
-    ds.scale = 1;
-    ds.offset[0] = -node.pos[0] + 60;
-    ds.offset[1] = -node.pos[1] + 60;
+    const height = app.canvas.canvas.getBoundingClientRect().height;
+    ds.scale = Math.min(1, (height - 90) / (node.size[1] + LiteGraph.NODE_TITLE_HEIGHT));
+    ds.offset[0] = -node.pos[0] + 60 / ds.scale;
+    ds.offset[1] = -node.pos[1] + 60 / ds.scale;
     app.canvas.setDirty(true, true);
-  }, TRAIN_NODE);
+  }, id);
   await page.waitForTimeout(400);
+}
+const showTrainNode = (page) => showNode(page, TRAIN_NODE);
+
+// The node's box on the page (title bar included), for a screenshot of just that node.
+async function nodeClip(page, id) {
+  return page.evaluate((id) => {
+    const n = app.graph.getNodeById(id);
+    const ds = app.canvas.ds;
+    const box = app.canvas.canvas.getBoundingClientRect();
+    const x = box.x + (n.pos[0] + ds.offset[0]) * ds.scale - 4;
+    const y = box.y + (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT + ds.offset[1]) * ds.scale - 4;
+    const w = n.size[0] * ds.scale + 8;
+    const h = (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale + 8;
+    return { x: Math.max(0, x), y: Math.max(0, y), width: Math.min(w, window.innerWidth - x),
+      height: Math.min(h, window.innerHeight - y) };
+  }, id);
+}
+
+// The report on a data node: its textarea, whether it is on screen, and the text.
+async function reportInfo(page, id) {
+  return page.evaluate((id) => {
+    const node = app.graph.getNodeById(id);
+    const area = node?.widgets?.find((w) => w.name === "loralab_report")?.element;
+    if (!area) return { widget: false };
+    const r = area.getBoundingClientRect();
+    const cs = getComputedStyle(area);
+    let hidden = false;
+    for (let e = area; e; e = e.parentElement) {
+      const st = getComputedStyle(e);
+      if (st.display === "none" || st.visibility === "hidden" || Number(st.opacity) === 0) hidden = true;
+    }
+    return { widget: true, value: area.value, table: area.dataset.table, readOnly: area.readOnly,
+      font: cs.fontFamily, scrollable: cs.overflowY === "auto" || cs.overflowY === "scroll",
+      visible: area.isConnected && !hidden && r.width > 100 && r.height > 40 && r.top >= 0 && r.bottom <= innerHeight,
+      prop: node.properties?.loralab_report ?? null };
+  }, id);
 }
 
 // What the Train LoRA node shows, read from its panel's DOM and the extension's state for the node.
@@ -126,6 +172,17 @@ async function panelInfo(page) {
       allocWidth: parseFloat(root.querySelector(".loralab-bar-alloc")?.style.width || "0"),
       msg: q(".loralab-msg"),
       stepClipped: !!stepEl && stepEl.scrollWidth > stepEl.clientWidth + 1,
+      rate: q(".loralab-rate"), eta: q(".loralab-eta"), etaDetail: q(".loralab-eta-detail"), pct: q(".loralab-pct"),
+      width: node.size[0],
+      // what must never be cut: each element whole (no overflow), drawn, and inside the panel
+      cut: [".loralab-phase", ".loralab-step", ".loralab-pct", ".loralab-rate", ".loralab-eta", ".loralab-eta-detail",
+        ".loralab-mem-label", ".loralab-mem-text", ".loralab-mem-detail"].filter((c) => {
+        const e = root.querySelector(c);
+        if (!e || !e.textContent) return false;
+        const a = e.getBoundingClientRect();
+        return e.scrollWidth > e.clientWidth + 1 || a.width === 0 || a.left < r.left - 0.5 || a.right > r.right + 0.5 ||
+          a.top < r.top - 0.5 || a.bottom > r.bottom + 0.5 || getComputedStyle(e).display === "none";
+      }),
       memTitle: root.querySelector(".loralab-mem")?.title || "",
       inked,
       runProp: node.properties?.loralab_run ?? null,
@@ -176,7 +233,7 @@ const summary = { steps: STEPS };
 const pageErrors = [];
 try {
   await prepareUserSettings();
-  ({ context, close: closeBrowser } = await launch(chromium, { width: 1280, height: 800 }));
+  ({ context, close: closeBrowser } = await launch(chromium, VIEWPORT));
   mkdirSync(ARTIFACTS, { recursive: true });
   const page = await context.newPage();
   // The frontend logs its own unrelated errors (404s for optional user files, a settings hook on a fresh user);
@@ -221,6 +278,12 @@ try {
       ckptOptions: app.graph.getNodeById(1)?.widgets?.[0]?.options?.values ?? null };
   }, { wf, values: shrinkWorkflow(wf) });
   check(setResult.missing.length === 0, `widgets not found: ${setResult.missing.join(", ")}`);
+  // the width the template gives Train LoRA is the width the panel is checked at
+  summary.templateTrainWidth = wf.nodes.find((n) => n.id === TRAIN_NODE).size[0];
+  const loadedWidth = await page.evaluate((id) => app.graph.getNodeById(id).size[0], TRAIN_NODE);
+  check(loadedWidth === summary.templateTrainWidth, `Train LoRA opened ${loadedWidth} px wide, the template says ${summary.templateTrainWidth}`);
+  const noReportYet = await reportInfo(page, 2);
+  check(noReportYet.widget && noReportYet.value === "", `Load Dataset has a report before any run: ${JSON.stringify(noReportYet)}`);
   check(setResult.hasPanel, "the Train LoRA node has no live panel after loadGraphData");
   check(Array.isArray(setResult.ckptOptions) && setResult.ckptOptions.includes(CKPT),
     `checkpoint ${CKPT} not offered by the real combo: ${JSON.stringify(setResult.ckptOptions)}`);
@@ -266,6 +329,90 @@ try {
   await page.screenshot({ path: join(ARTIFACTS, "frontend_live_running.png") });
   summary.before = { firstStep: s1.step, laterStep: s2.step, loss: later.loss, mem: `${later.memLabel} ${later.memText}`,
     points: later.state.steps.length, run };
+
+  // ---- the status line at the template's width and at the node's minimum width: nothing cut
+  const statusAt = async (name) => {
+    const i = await waitPanel(page, `speed and ETA (${name})`, (x) => x.phase === "training" && !!x.rate && !!x.eta, 30000);
+    await page.screenshot({ path: join(ARTIFACTS, `panel_${name}.png`), clip: await nodeClip(page, TRAIN_NODE) });
+    return { width: i.width, cut: i.cut, step: i.step, rate: i.rate, eta: i.eta, etaDetail: i.etaDetail, memText: i.memText,
+      memDetail: i.memDetail };
+  };
+  summary.status = { template: await statusAt("template_width") };
+  const minWidth = await page.evaluate((id) => {
+    const n = app.graph.getNodeById(id);
+    const min = Math.ceil(n.computeSize()[0]); // what ComfyUI lets the user shrink the node to
+    n.setSize([min, n.size[1]]);
+    app.canvas.setDirty(true, true);
+    return min;
+  }, TRAIN_NODE);
+  await page.waitForTimeout(600);
+  summary.status.minimum = await statusAt("min_width");
+  log("status line", JSON.stringify(summary.status));
+  for (const [at, st] of Object.entries(summary.status)) {
+    check(st.cut.length === 0, `status at the ${at} width (${st.width} px): cut off: ${st.cut.join(", ")}`);
+  }
+  check(summary.status.minimum.width === minWidth, `the node did not shrink to ${minWidth}: ${summary.status.minimum.width}`);
+  await page.evaluate(({ id, w }) => {
+    const n = app.graph.getNodeById(id);
+    n.setSize([w, n.size[1]]);
+  }, { id: TRAIN_NODE, w: summary.templateTrainWidth });
+
+  // ---- the data nodes show their reports on the node (they ran before training started)
+  summary.reports = {};
+  for (const [id, shot] of Object.entries(REPORT_NODES)) {
+    await showNode(page, Number(id));
+    const rep = await reportInfo(page, Number(id));
+    summary.reports[id] = rep;
+    check(rep.widget && rep.value.length > 20 && rep.readOnly && rep.scrollable && rep.prop === rep.value,
+      `node ${id}: no report on the node: ${JSON.stringify(rep).slice(0, 400)}`);
+    check(rep.visible, `node ${id}: the report is not visible: ${JSON.stringify(rep).slice(0, 200)}`);
+    check(rep.table !== "true" || /mono/i.test(rep.font), `node ${id}: a table not in monospace: ${rep.font}`);
+    await page.screenshot({ path: join(ARTIFACTS, shot), clip: await nodeClip(page, Number(id)) });
+  }
+  await showTrainNode(page);
+
+  // ---- a second page, in another profile (another device), opened mid-run
+  const second = await launch(chromium, VIEWPORT);
+  try {
+    const page2 = await second.context.newPage();
+    const history2 = [];
+    page2.on("request", (r) => {
+      if (r.url().includes("/history")) history2.push(r.url());
+    });
+    page2.on("pageerror", (e) => pageErrors.push(String(e && e.stack ? e.stack : e)));
+    await page2.goto(BASE + "/");
+    await waitForApp(page2);
+    const values = shrinkWorkflow(wf);
+    values[TRAIN_NODE] = { ...values[TRAIN_NODE], run_name: `${RUN_NAME}_elsewhere` }; // another run's node
+    await page2.evaluate(async ({ wf, values }) => {
+      await app.loadGraphData(wf);
+      for (const [id, widgets] of Object.entries(values)) {
+        const node = app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(widgets)) {
+          const w = node?.widgets?.find((x) => x.name === name);
+          if (w) w.value = value;
+        }
+      }
+    }, { wf, values });
+    await showTrainNode(page2);
+    await page2.waitForTimeout(2500); // about ten events of the running run arrive meanwhile
+    const other = await panelInfo(page2);
+    check(other.phase === "idle", `a node of another run shows this run: ${other.phase} ${other.step}`);
+    await page2.evaluate(({ id, name }) => {
+      app.graph.getNodeById(id).widgets.find((w) => w.name === "run_name").value = name;
+      app.canvas.setDirty(true, true);
+    }, { id: TRAIN_NODE, name: RUN_NAME });
+    const live2 = await waitPanel(page2, "the run on the second page, with its curve from step 1", (i) =>
+      i.phase === "training" && i.state?.historyRun === run && i.state.steps.includes(1) &&
+      (stepOf(i.step)?.step ?? 0) >= s2.step && LOSS_RE.test(i.loss) && i.inked > 500, 60000);
+    await page2.screenshot({ path: join(ARTIFACTS, "frontend_live_second_page.png") });
+    summary.secondPage = { otherRunStayedIdle: other.phase === "idle", phase: live2.phase, step: live2.step,
+      historyRun: live2.state.historyRun, hasStepOne: live2.state.steps.includes(1), points: live2.state.steps.length,
+      historyRequests: history2.filter((u) => u.includes(`/runs/${encodeURIComponent(run)}/history`)).length };
+    log("second page", JSON.stringify(summary.secondPage));
+  } finally {
+    await second.close();
+  }
 
   // What the frontend persisted for the reload (sessionStorage per client id, localStorage as fallback).
   const persisted = await page.evaluate((id) => {
@@ -333,6 +480,11 @@ try {
   const historyAfterReload = historyRequests.filter((r) => r.t > beforeReload && r.url.includes(`/runs/${encodeURIComponent(run)}/history`));
   check(historyAfterReload.length >= 1, "the history route was not requested after the reload");
   await page.screenshot({ path: join(ARTIFACTS, "frontend_live_reloaded.png") });
+  for (const id of Object.keys(REPORT_NODES)) { // the reports come back with the workflow (node.properties)
+    const rep = await reportInfo(page, Number(id));
+    summary.reports[id].afterReload = rep.value ?? null;
+    check(rep.value === summary.reports[id].value, `node ${id}: the report did not come back after the reload`);
+  }
   summary.after = { step: s3.step, phase: back.phase, points: back.state.steps.length, comparedWithDisk: compared,
     historyRequests: historyAfterReload.length, runProp: back.runProp };
 

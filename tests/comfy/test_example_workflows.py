@@ -15,9 +15,14 @@ except ImportError:
 
 pytestmark = pytest.mark.comfy
 ROOT = Path(__file__).resolve().parents[2] / "example_workflows"
+# model-file drop-downs list what the test server has, not the files the examples name
+LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader"}
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+FAMILIES = ["sd15", "sdxl", "sd35", "flux"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ui_workflow_matches_its_api_twin(comfy_server, family):
     api = json.loads((ROOT / "api" / f"train_then_generate_{family}.json").read_text())
     ui = api_to_ui(api, comfy_server.object_info())
@@ -27,9 +32,18 @@ def test_ui_workflow_matches_its_api_twin(comfy_server, family):
     assert json.loads(target.read_text()) == ui
     assert {n["type"] for n in ui["nodes"]} >= {"LoraLab_LoadDataset", "LoraLab_CacheLatents", "LoraLab_ConfigureLoRA",
                                                 "LoraLab_TrainLoRA", "LoraLab_SaveLoRA", "KSampler"}
+    info = comfy_server.object_info()
+    for node_id, node in api.items():  # every input the example sets exists on the server's node, as a valid value
+        spec = info[node["class_type"]]["input"]
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        for key, value in node["inputs"].items():
+            assert key in known, f"{family} example node {node_id} ({node['class_type']}): no input {key!r}"
+            options = known[key][0]
+            if isinstance(options, list) and not isinstance(value, list) and node["class_type"] not in LOADERS:
+                assert value in options, f"{family} example node {node_id}: {key} = {value!r} not in {options}"
 
 
 def test_templates_are_listed_by_the_server(comfy_server):
     listed = comfy_server.get_json("/workflow_templates")
     names = next(v for k, v in listed.items() if "lora" in k.lower())
-    assert {"train_then_generate_sd15", "train_then_generate_sdxl"} <= set(names)
+    assert {f"train_then_generate_{family}" for family in FAMILIES} <= set(names)

@@ -1,32 +1,54 @@
-"""The live panel in the REAL ComfyUI page: the shipped UI example, shrunk to the tiny checkpoint, queued from the
-page; while Train LoRA trains its panel shows step, loss and memory and they move; a page reload mid-run brings the
-whole curve back (every step up to the one seen before the reload, equal to the run's history on disk); Stop
-(POST /interrupt) shows "stopped". Driven by tests/comfy/frontend_live.mjs in Debian's Chromium via playwright-core.
+"""What the user sees in the REAL ComfyUI page (Debian's Chromium via playwright-core, ComfyUI's own frontend).
+
+* tests/comfy/frontend_live.mjs: the shipped UI example, shrunk to the tiny checkpoint, queued from the page. Load
+  Dataset, Bucket & Cache Latents and Configure LoRA show their report on the node; while Train LoRA trains its
+  panel shows step, it/s, ETA, loss and memory, uncut at the template's node width and at ComfyUI's minimum node
+  width; a second page (another browser profile, as on another device) opened mid-run follows the run live, and
+  catches up on the curve from the history route, while a node of another run stays idle; a page reload mid-run
+  brings the whole curve (equal to the run's history on disk) and the reports back; Stop shows "stopped".
+* tests/comfy/templates_page.mjs: the template browser lists the examples under "LoRA Lab" with thumbnails that
+  load, and each template opens framed (every node with its title inside the window).
 
 Needs (skipped with the reason when missing): a ComfyUI checkout (COMFYUI_PATH, see SETUP.md), `node`, `chromium`
 (apt-get install -y chromium, or LORALAB_CHROMIUM) and `playwright-core` (`npm ci` in the repository root).
-Screenshots: test-artifacts/frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png.
+Screenshots in test-artifacts/: frontend_live_running.png, frontend_live_reloaded.png, frontend_live_stopped.png,
+frontend_live_second_page.png, panel_template_width.png, panel_min_width.png, node_load_dataset.png,
+node_cache_latents.png, node_configure_lora.png, templates_dialog.png, template_opened_<name>.png.
+
+LORALAB_WRITE_THUMBNAILS=1 re-renders example_workflows/<name>.jpg: each template as it opens in the real page,
+drawn at full detail in a large window, cut to its nodes and scaled to THUMBNAIL_WIDTH with Pillow.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shapes import write_shape_dataset  # noqa: E402
 
+try:
+    from .harness import PACK_FOLDER_NAME
+except ImportError:
+    from harness import PACK_FOLDER_NAME  # type: ignore[no-redef]
+
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).resolve().parent / "frontend_live.mjs"
+TEMPLATES_SCRIPT = Path(__file__).resolve().parent / "templates_page.mjs"
+EXAMPLES = ROOT / "example_workflows"
+THUMBNAIL_WIDTH = 512  # the template card shows 256 px (object-contain); twice that for high-DPI screens
 ARTIFACTS = ROOT / "test-artifacts"
 NODE = shutil.which("node")
 CHROMIUM = os.environ.get("LORALAB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -60,6 +82,25 @@ def _idle(server, timeout: float = 120.0) -> None:
     raise TimeoutError(f"ComfyUI still busy after the test: {server.get_json('/queue')}")
 
 
+SCREENSHOTS = ("frontend_live_running.png", "frontend_live_reloaded.png", "frontend_live_stopped.png",
+               "frontend_live_second_page.png", "panel_template_width.png", "panel_min_width.png",
+               "node_load_dataset.png", "node_cache_latents.png", "node_configure_lora.png")
+
+
+def _summary(out: str) -> dict:
+    return json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
+
+
+def _node(script: Path, env: dict, timeout: float, log_name: str):
+    r = subprocess.run([NODE, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    out = r.stdout + r.stderr
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / log_name).write_text(out)
+    if r.returncode == 77:
+        pytest.skip(out.strip().splitlines()[-1] if out.strip() else "requirement missing")
+    return r, out
+
+
 def test_live_panel_in_the_real_comfyui_page(comfy_server, tiny_checkpoints):
     _browser_or_skip()
     # Our routes are served by the real server (they used to be registered only in ComfyExtension.on_load, which
@@ -74,20 +115,15 @@ def test_live_panel_in_the_real_comfyui_page(comfy_server, tiny_checkpoints):
     env = {**os.environ, "LORALAB_CHROMIUM": CHROMIUM, "LORALAB_COMFY_URL": comfy_server.url,
            "LORALAB_DATASET": str(dataset), "LORALAB_CKPT": tiny_checkpoints["sd15"].name,
            "LORALAB_RUN_NAME": run_name, "LORALAB_ARTIFACTS": str(ARTIFACTS)}
-    for name in ("frontend_live_running.png", "frontend_live_reloaded.png", "frontend_live_stopped.png"):
+    for name in SCREENSHOTS:
         (ARTIFACTS / name).unlink(missing_ok=True)
     try:
-        r = subprocess.run([NODE, str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
+        r, out = _node(SCRIPT, env, 480, "frontend_live.log")
     finally:
         _idle(comfy_server)
-    out = r.stdout + r.stderr
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "frontend_live.log").write_text(out)
-    if r.returncode == 77:
-        pytest.skip(out.strip().splitlines()[-1] if out.strip() else "requirement missing")
     assert r.returncode == 0, out[-8000:] + "\n--- server log tail ---\n" + comfy_server.log_tail(3000)
 
-    summary = json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
+    summary = _summary(out)
     before, after = summary["before"], summary["after"]
     assert before["laterStep"] >= before["firstStep"] + 3
     assert after["comparedWithDisk"] == before["laterStep"] and after["step"] >= before["laterStep"]
@@ -96,5 +132,60 @@ def test_live_panel_in_the_real_comfyui_page(comfy_server, tiny_checkpoints):
     run_dirs = sorted((comfy_server.output_dir / "loralab" / "runs").glob(f"{run_name}-*"))
     assert [d.name for d in run_dirs] == [before["run"]]
     assert not (run_dirs[0] / "final.safetensors").exists()  # stopped mid-run, as the panel said
-    for name in ("frontend_live_running.png", "frontend_live_reloaded.png", "frontend_live_stopped.png"):
-        assert (ARTIFACTS / name).stat().st_size > 10_000
+    # each data node shows its own report on the node, and it is still there after the reload
+    reports = summary["reports"]
+    assert reports["2"]["value"].startswith(f"Dataset: {dataset}") and "4 usable image(s)" in reports["2"]["value"]
+    assert "bucket" in reports["3"]["value"].lower()
+    assert reports["4"]["value"].startswith("network: LoRA rank 4") and "Memory estimate (" in reports["4"]["value"]
+    assert reports["4"]["table"] == "true"  # the estimate's breakdown is a table: monospace, not wrapped
+    for node_id in ("2", "3", "4"):
+        assert reports[node_id]["visible"] and reports[node_id]["afterReload"] == reports[node_id]["value"], node_id
+    # the status line keeps step, it/s, ETA and memory whole at the template's width and at the minimum width
+    status = summary["status"]
+    assert status["template"]["width"] == summary["templateTrainWidth"]
+    assert status["minimum"]["width"] < status["template"]["width"]
+    for at in ("template", "minimum"):
+        assert status[at]["cut"] == [] and re.fullmatch(r"\d+(\.\d+)? (it/s|s/it)", status[at]["rate"]), status[at]
+        assert re.fullmatch(r"ETA (≥ )?\d.*", status[at]["eta"]) and status[at]["memText"], status[at]
+    # a second page (another profile) follows the run: live, from the history route, only on the matching node
+    second = summary["secondPage"]
+    assert second["otherRunStayedIdle"] and second["phase"] == "training" and second["historyRun"] == before["run"]
+    assert second["hasStepOne"] and second["historyRequests"] >= 1
+    for name in SCREENSHOTS:
+        assert (ARTIFACTS / name).stat().st_size > 5_000, name
+
+
+def test_templates_open_framed_with_their_thumbnails(comfy_server):
+    _browser_or_skip()
+    env = {**os.environ, "LORALAB_CHROMIUM": CHROMIUM, "LORALAB_COMFY_URL": comfy_server.url,
+           "LORALAB_ARTIFACTS": str(ARTIFACTS), "LORALAB_PACK_FOLDER": PACK_FOLDER_NAME}
+    names = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    env["LORALAB_TEMPLATES"] = ",".join(names)
+    if os.environ.get("LORALAB_WRITE_THUMBNAILS"):
+        with tempfile.TemporaryDirectory() as tmp:
+            r, out = _node(TEMPLATES_SCRIPT, {**env, "LORALAB_THUMBNAIL_DIR": tmp}, 300, "templates_thumbnails.log")
+            assert r.returncode == 0, out[-6000:]
+            for name in names:
+                _write_thumbnail(Path(tmp) / f"{name}.png", EXAMPLES / f"{name}.jpg")
+    for name in names:  # every template has one: the browser shows a broken image for a missing file
+        with Image.open(EXAMPLES / f"{name}.jpg") as thumb:
+            assert thumb.format == "JPEG" and thumb.width == THUMBNAIL_WIDTH and thumb.height > 200, name
+    r, out = _node(TEMPLATES_SCRIPT, env, 300, "templates_page.log")
+    assert r.returncode == 0, out[-6000:]
+    summary = _summary(out)
+    assert {c["name"] for c in summary["cards"]} >= set(names)
+    for name in names:
+        assert summary["templates"][name]["outside"] == [] and summary["templates"][name]["nodes"] >= 10
+    for name in ("templates_dialog.png", *(f"template_opened_{n}.png" for n in names)):
+        assert (ARTIFACTS / name).stat().st_size > 5_000, name
+
+
+def _write_thumbnail(render: Path, target: Path) -> None:
+    """The real page's render of the template, scaled to THUMBNAIL_WIDTH, as a JPEG (written atomically)."""
+    with Image.open(render) as image:
+        image = image.convert("RGB")
+        height = round(image.height * THUMBNAIL_WIDTH / image.width)
+        small = image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS)
+    tmp = target.with_suffix(".jpg.tmp")
+    small.save(tmp, format="JPEG", quality=88, optimize=True)
+    os.replace(tmp, target)

@@ -83,11 +83,13 @@ def test_patches_we_cannot_train_are_refused_by_name(pack, comfy, tiny_models):
             return model_input
 
     cases = [(patched(model, comfy, ms.X0), "x0"), (patched(model, comfy, LCM), "lcm"),
-             (patched(model, comfy, ms.EDM, base=ms.ModelSamplingContinuousEDM), "EDM"),
-             (patched(model, comfy, ms.CONST, base=ms.ModelSamplingDiscreteFlow), "flow")]
+             (patched(model, comfy, ms.EDM, base=ms.ModelSamplingContinuousEDM), "EDM")]
     for m, name in cases:
         with pytest.raises(TrainingError, match=f"samples with {name}.*eps- and v-prediction"):
             ComfyHost(m, clip, vae)
+    # a flow sampling (ModelSamplingSD3 in front of an SD1.5 UNet): the UNet was trained on eps / v
+    with pytest.raises(TrainingError, match="flow schedule.*UNet was trained on eps / v"):
+        ComfyHost(patched(model, comfy, ms.CONST, base=ms.ModelSamplingDiscreteFlow), clip, vae)
 
 
 def _random_lora(host, pack, scale=0.5):

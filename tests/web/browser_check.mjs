@@ -111,6 +111,22 @@ async function panelInfo(page, id) {
       runProp: window.__harness.nodes[id]?.properties?.loralab_run ?? null,
       panelH: panel.getBoundingClientRect().height,
       overflowing: [...panel.querySelectorAll(".loralab-row")].some((r) => r.scrollWidth > r.clientWidth + 1),
+      etaDetail: q(".loralab-eta-detail"),
+      // step, speed, ETA and memory must never be cut: each whole (no overflow) and inside the panel
+      cut: [".loralab-step", ".loralab-pct", ".loralab-rate", ".loralab-eta", ".loralab-eta-detail", ".loralab-mem-label",
+        ".loralab-mem-text", ".loralab-mem-detail"].filter((c) => {
+        const e = panel.querySelector(c);
+        if (!e || !e.textContent) return false;
+        const a = e.getBoundingClientRect();
+        const r = panel.getBoundingClientRect();
+        return e.scrollWidth > e.clientWidth + 1 || a.left < r.left - 0.5 || a.right > r.right + 0.5 ||
+          a.bottom > r.bottom + 0.5 || a.width === 0;
+      }),
+      report: (() => {
+        const t = node.querySelector("textarea.loralab-report");
+        return t ? { value: t.value, table: t.dataset.table, font: getComputedStyle(t).fontFamily,
+          readOnly: t.readOnly, h: t.getBoundingClientRect().height } : null;
+      })(),
     };
   }, id);
 }
@@ -135,11 +151,14 @@ try {
     page.on("pageerror", (e) => consoleErrors.push(String(e)));
     await page.goto(`${base}/harness.html?theme=${theme}&gap=${theme === "dark" ? 15 : 8}`);
     if (theme === "dark") {
-      // mid-run: training phase with speed and ETA
-      await page.waitForFunction(() => (window.__harness.sent || 0) >= 120, null, { timeout: 60000 });
-      await page.waitForTimeout(300);
+      // mid-run: training phase with speed and an ETA that includes the preview still to come at its measured cost
+      await page.waitForFunction(() => (window.__harness.sent || 0) >= 120 &&
+        /incl\. 1 preview × 3s/.test(document.querySelector('[data-node-id="5"] .loralab-eta-detail')?.textContent || ""),
+      null, { timeout: 60000 });
       const mid = await panelInfo(page, 5);
-      check(mid.phase === "training" && mid.rate.endsWith("it/s") && /^ETA /.test(mid.eta), `${t0(theme)} mid-run: ${mid.phase} ${mid.rate} ${mid.eta}`);
+      check(mid.phase === "training" && mid.rate.endsWith("it/s") && /^ETA (≥ )?\d/.test(mid.eta),
+        `${t0(theme)} mid-run: ${mid.phase} ${mid.rate} ${mid.eta} (${mid.etaDetail})`);
+      check(mid.cut.length === 0, `${t0(theme)} mid-run: cut off: ${mid.cut.join(", ")}`);
       await page.locator('[data-node-id="5"]').screenshot({ path: join(ARTIFACTS, "web_panel_training.png") });
     }
     await page.waitForFunction(() => window.__harness && window.__harness.done, null, { timeout: 60000 });
@@ -177,6 +196,12 @@ try {
     check(p5.canvas && p5.canvas.inked > 2000 && p5.canvas.colors > 8, `${t} node 5 canvas looks blank: ${JSON.stringify(p5.canvas)}`);
     check(p5.runProp === H.last.run, `${t} node 5 run id not stored in properties: ${p5.runProp}`);
     check(!p5.overflowing, `${t} node 5 text rows overflow`);
+    check(p5.cut.length === 0, `${t} node 5: cut off: ${p5.cut.join(", ")}`);
+    check(p5.report && p5.report.value === (await page.evaluate(() => window.__harness.report)) && p5.report.readOnly &&
+      p5.report.table === "true" && /mono/i.test(p5.report.font) && p5.report.h > 40,
+      `${t} node 5 run report on the node: ${JSON.stringify(p5.report)}`);
+    const kept = await page.evaluate(() => window.__harness.nodes[5].properties.loralab_report);
+    check(kept === (await page.evaluate(() => window.__harness.report)), `${t} the report is not kept in node.properties`);
     // throttling: at most 4 redraws per second while streaming (+2 for the first frame and resize)
     const draws5 = H.drawsAtStreamEnd["5"] || 0;
     const allowed = Math.ceil((H.streamMs / 1000) * 4) + 2;
@@ -215,6 +240,7 @@ try {
     const small = await panelInfo(page, 9);
     check(small.canvas && small.canvas.inked > 500, `${t} small node 9 canvas blank`);
     check(small.logVisible, `${t} small node 9: the log button is cut off`);
+    check(small.cut.length === 0, `${t} small node 9: cut off: ${small.cut.join(", ")}`);
     if (theme === "dark") await page.locator('[data-node-id="9"]').screenshot({ path: join(ARTIFACTS, "web_panel_small.png") });
     const late = await page.evaluate(() => window.__harness.errors);
     check(late.length === 0, `${t} errors after interaction: ${late.join(" | ")}`);

@@ -9,8 +9,11 @@ import {
   ProgressStore,
   applyPayload,
   createFrameThrottle,
+  REPORT_NODES,
+  describeEta,
   describeMemory,
   downsampleMinMax,
+  eventBelongsTo,
   emaSeries,
   emptyState,
   formatBytes,
@@ -19,10 +22,13 @@ import {
   formatNumber,
   formatRate,
   formatTick,
+  looksTabular,
   mergeHistory,
   nodeIdMatches,
   parsePayload,
   previewPath,
+  reportText,
+  sanitizeRunName,
   yRange,
 } from "../../web/loralab_core.js";
 
@@ -291,4 +297,58 @@ test("the recorded event fixture is valid and follows the phase order", () => {
   assert.equal(phases[0], "caching");
   assert.equal(phases[phases.length - 1], "done");
   for (const ph of ["training", "preview", "saving"]) assert.ok(phases.includes(ph), ph);
+});
+
+test("the ETA says what it includes: previews and saves at their measured cost, or that a cost is unknown", () => {
+  const detail = (over) => parsePayload(payload({ eta_detail: { training_s: 23, previews_left: 3, preview_cost_s: 330,
+    saves_left: 1, save_cost_s: 2, ...over } })).eta_detail;
+  assert.deepEqual(describeEta(23 + 990 + 2, detail({})),
+    { main: "ETA 16m 55s", detail: "incl. 3 previews × 5m 30s, 1 save × 2s" });
+  // before the first preview is measured the ETA is a lower bound and says so
+  assert.deepEqual(describeEta(25, detail({ preview_cost_s: null })),
+    { main: "ETA ≥ 25s", detail: "incl. 1 save × 2s; + 3 previews, time unknown until the first" });
+  assert.deepEqual(describeEta(23, detail({ previews_left: 0, saves_left: 0 })), { main: "ETA 23s", detail: "" });
+  assert.deepEqual(describeEta(23, null), { main: "ETA 23s", detail: "" }); // an older engine: no detail
+  assert.deepEqual(describeEta(null, detail({})), { main: "", detail: "" });
+  // the fixture stream (the real reporter): once a preview and a save are measured, the rest is counted at their cost
+  const at = (step) => fixture.events.find((e) => e.phase === "training" && e.step >= step);
+  let e = at(130);
+  assert.deepEqual(describeEta(e.eta_s, parsePayload(e).eta_detail).detail,
+    "incl. 1 preview × 3s; + 1 save, time unknown until the first");
+  e = at(210);
+  const shown = describeEta(e.eta_s, parsePayload(e).eta_detail);
+  assert.match(shown.main, /^ETA \d+s$/);
+  assert.equal(shown.detail, "incl. 1 preview × 3s");
+});
+
+test("a broadcast event belongs to a node by id and run: its run, <run_name>-<key>, or its resume_from folder", () => {
+  // the same rule as nodes/paths.py sanitize_name (checked against it in tests/comfy/test_page_matching.py)
+  assert.equal(sanitizeRunName("my lora!/v2"), "my lora_v2");
+  assert.equal(sanitizeRunName("  .hidden. "), "hidden");
+  assert.equal(sanitizeRunName("???"), "_");
+  assert.equal(sanitizeRunName(""), "lora");
+  assert.equal(sanitizeRunName("x".repeat(200)).length, 120);
+  const node = { id: 5, run: null, runName: "my lora!", resumeFrom: "" };
+  assert.ok(eventBelongsTo("5", "my lora_-abc123", node));
+  assert.ok(!eventBelongsTo("5", "other-abc123", node)); // another page's workflow, same node id
+  assert.ok(!eventBelongsTo("7", "my lora_-abc123", node)); // another node
+  assert.ok(eventBelongsTo("12:5", "my lora_-abc123", node)); // inside a subgraph
+  assert.ok(eventBelongsTo("5", "old-run-1", { ...node, run: "old-run-1" })); // the run it already shows
+  assert.ok(eventBelongsTo("5", "kept-xyz", { ...node, resumeFrom: "/data/runs/kept-xyz/" }));
+  assert.ok(eventBelongsTo("5", "anything-1", { ...node, runName: null })); // run_name from a link: by id
+  assert.ok(!eventBelongsTo("5", undefined, node));
+});
+
+test("reports: the text of ui.PreviewText, which nodes show one, and when it is a table", () => {
+  assert.equal(reportText({ text: ["a", "b"] }), "a\nb");
+  assert.equal(reportText({ text: "x" }), "x");
+  assert.equal(reportText({ images: [] }), null);
+  assert.equal(reportText(undefined), null);
+  assert.deepEqual(Object.keys(REPORT_NODES).sort(),
+    ["LoraLab_CacheLatents", "LoraLab_CombineDatasets", "LoraLab_ConfigureLoRA", "LoraLab_DatasetFromImages",
+      "LoraLab_LoadDataset", "LoraLab_TrainLoRA"]);
+  const estimate = "Memory estimate (cpu): 1 GiB\n  model weights    3.20 GiB\n  activations       612 MiB";
+  assert.ok(looksTabular(estimate));
+  assert.ok(!looksTabular("Dataset: /x\n  4 usable image(s), 4 with a caption file\nNo problems found."));
+  assert.ok(!looksTabular(null));
 });

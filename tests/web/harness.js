@@ -91,15 +91,21 @@ class FakeNode {
     this.idTag.textContent = `#${this.id}`;
     this.el.style.width = `${this.size[0]}px`;
     this.el.style.height = `${this.size[1]}px`;
+    // Like LiteGraph: DOM widgets stack below the others, each gets its minimum height plus an equal share of the
+    // free space.
     let top = TITLE_H + this.rows.length * WIDGET_ROW + 4;
-    for (const w of this.widgets) {
+    const mins = this.widgets.map((w) => (w.options.getMinHeight?.() ?? 50) + 2 * (w.options.margin ?? 10));
+    const free = Math.max(0, this.size[1] - top - mins.reduce((a, b) => a + b, 0));
+    this.widgets.forEach((w, i) => {
       const m = w.options.margin ?? 10;
+      const h = mins[i] + free / this.widgets.length;
       w.holder.style.top = `${top + m}px`;
       w.holder.style.left = `${m}px`;
       w.holder.style.right = `${m}px`;
-      w.holder.style.height = `${Math.max(0, this.size[1] - top - 2 * m)}px`;
+      w.holder.style.height = `${Math.max(0, h - 2 * m)}px`;
       w.holder.style.position = "absolute";
-    }
+      top += h;
+    });
   }
 }
 
@@ -172,6 +178,10 @@ async function main() {
   H.streamEnd = performance.now();
   H.drawsAtStreamEnd = Object.fromEntries(H.draws);
   await sleep(700); // the last throttled redraw + the history fetch after "done"
+  // ComfyUI hands the node's ui output to onExecuted when the prompt finishes: the run report goes on the node
+  H.report = "run: /runs/lora_demo\ntrained: 300 steps\nMemory estimate (cuda:0): 11.0 GiB of 24.0 GiB available -> FITS\n" +
+    "  model weights          3.20 GiB\n  activations             612 MiB";
+  n5.onExecuted?.({ text: [H.report], loralab_run: [fixture.run] });
   H.lastEvent = fixture.events[fixture.events.length - 1];
   H.lossEvents = fixture.events.filter((e) => e.loss !== null);
   H.phase = "done";

@@ -3,8 +3,8 @@
     python tests/web/make_fixtures.py
 
 * fixtures/events.json: a recorded `loralab.progress` stream of node "5" from trainer.monitor.events.ProgressReporter with a
-  fake clock (5 it/s) and CUDA-like memory: caching -> encoding -> training -> preview -> training -> saving ->
-  training -> preview -> done.
+  fake clock (5 it/s) and CUDA-like memory: caching -> encoding -> training -> preview (3 s) -> training -> saving ->
+  training -> preview -> done; previews every 125 steps and saves every 200, so the ETA includes them.
 * fixtures/history_run.json: what GET /loralab/runs/<run>/history returns for a finished earlier run (built with
   RunLog + read_history + latest.json), used by the harness to test "reload redraws the whole curve".
 * fixtures/preview.png: a small preview image.
@@ -52,7 +52,9 @@ def record_events() -> list[dict]:
     def snap():
         return dict(mem)
 
-    rep = ProgressReporter(events.append, node="5", run=RUN, total=total, clock=lambda: t[0], memory=snap)
+    # previews every 125 steps, a resumable state every 200: the ETA counts them (eta_detail)
+    rep = ProgressReporter(events.append, node="5", run=RUN, total=total, clock=lambda: t[0], memory=snap,
+                           preview_every=125, save_every=200)
     for i in range(0, 41, 2):
         rep.phase("caching", message=f"caching latents {i}/40")
         t[0] += 0.1
@@ -67,7 +69,7 @@ def record_events() -> list[dict]:
         mem["peak"] = max(mem["peak"], int((10.2 + 0.2 * math.sin(step / 13)) * GiB))
         cur_lr = lr * min(1.0, step / 20) * (0.5 * (1 + math.cos(math.pi * step / total)))
         rep.step(step, loss_at(step, rng), cur_lr)
-        if step in (100, 250):
+        if step % 125 == 0:
             rep.phase("preview", message="sampling 2 prompts")
             t[0] += 3.0
             rep.preview(step, preview_url(RUN, f"step_{step:06d}.png"))

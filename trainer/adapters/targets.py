@@ -1,5 +1,8 @@
 """Which modules carry adapters (target sets, with kohya semantics) and under which kohya name.
 
+DiT families (SD3, Flux, ...) use :func:`dit_targets`: their blocks come from trainer/families.py. What follows is
+the UNet rule (SD1.5/SDXL).
+
 Presets, for a UNet:
 
 * ``attention``   — to_q, to_k, to_v, to_out.0 of the attention layers inside transformer containers.
@@ -20,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..choices import TARGET_SETS
 from ..hosts.base import AdapterTarget
-from .kohya_names import DIFFUSERS_CLASSES, LDM_CLASSES, TE_PREFIXES, _kind_of, kohya_name, unet_namer
+from .kohya_names import DIFFUSERS_CLASSES, LDM_CLASSES, TE_PREFIXES, UNET_PREFIX, _kind_of, kohya_name, unet_namer
 
 SCHEMES = {"diffusers": DIFFUSERS_CLASSES, "ldm": LDM_CLASSES}
 
@@ -82,6 +85,45 @@ def unet_targets(unet, family: str, targets: str, scheme: str = "diffusers",
     targets = [AdapterTarget(name_of(path), module, "unet")
                for path, module in select_unet_modules(unet, targets, scheme, include_conv3x3)]
     return _check_unique(targets)
+
+
+_ATTENTION_PARENT = re.compile(r"(^|_)(attn\d*|attention)(_|$)")  # attn, attn2, img_attn, self_attn, attention
+
+
+def select_dit_modules(root, family, targets: str) -> list[tuple[str, Any]]:
+    """(path under ``root``, Linear) pairs of a DiT for a target set; ``family`` is a trainer.families.Family.
+
+    ``transformer``: every Linear inside the family's blocks (kohya's default for SD3 and Flux; fused qkv Linears
+    are one adapter each, as kohya trains them). ``attention``: those under a module named ``*attn*`` /
+    ``*attention*`` plus the family's ``attention_extra``. ``full``: every Linear of the model, embedders and
+    final layer included (patch-embedding convs stay out: ComfyUI's Conv3d patches cannot carry one).
+    """
+    from torch import nn
+
+    if targets not in TARGET_SETS:
+        raise ValueError(f"unknown network targets '{targets}' (choose one of: {', '.join(TARGET_SETS)})")
+    if targets == "full":
+        return [(p, m) for p, m in root.named_modules() if p and isinstance(m, nn.Linear)]
+    picked = []
+    for list_name in family.blocks:
+        blocks = getattr(root, list_name, None)
+        if blocks is None:
+            continue
+        for path, module in blocks.named_modules(prefix=list_name):
+            if not isinstance(module, nn.Linear):
+                continue
+            parents = path.split(".")[2:-1]  # below "<list>.<index>", above the Linear itself
+            if targets == "attention" and not (any(_ATTENTION_PARENT.search(p) for p in parents)
+                                               or path.endswith(tuple(family.attention_extra))):
+                continue
+            picked.append((path, module))
+    return picked
+
+
+def dit_targets(root, family, targets: str) -> list[AdapterTarget]:
+    """Adapter targets of a DiT named as kohya names SD3 and Flux: ``lora_unet_`` + the path with ``.`` -> ``_``."""
+    return _check_unique([AdapterTarget(kohya_name(UNET_PREFIX, path), module, "unet")
+                          for path, module in select_dit_modules(root, family, targets)])
 
 
 def text_encoder_targets(te, prefix: str, path_prefix: str = "", component: Optional[str] = None

@@ -3,6 +3,11 @@
 A batch holds samples of one bucket at one base resolution only (their latents have one shape, and two base
 resolutions are never mixed). Each epoch every sample appears `repeats` times; the order comes only from
 (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Each place in a batch also gets its own seed (:class:`Draw`): everything random about that sample at that step
+(flip, caption variation, timestep, noise) is drawn from it. The randomness then depends only on where a sample is
+in the run, not on which process trains it or what else is in its micro-batch, so one process with batch 4 and two
+processes with batch 2 train the same run, and a resume needs no random-generator state at all.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import hashlib
 import json
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
 
 from ..errors import TrainingError
@@ -22,6 +28,20 @@ class BatchableSample(Protocol):  # LatentSample fits
 
 def group_key(sample: BatchableSample) -> tuple[int, tuple[int, int]]:
     return int(getattr(sample, "resolution", 0)), tuple(sample.bucket)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sample at one place in the run."""
+
+    index: int  # into the sample list
+    seed: int  # keys this sample's flip, caption variation, timestep and noise at this place
+
+
+def draw_seed(seed: int, epoch: int, position: int, slot: int) -> int:
+    """A 63-bit seed for the ``slot``-th sample of batch ``position`` of ``epoch``: distinct for every place."""
+    digest = hashlib.sha256(f"draw:{seed}:{epoch}:{position}:{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _rng(seed: int, epoch: int) -> random.Random:
@@ -112,6 +132,12 @@ class BatchSampler:
         batch = self._epoch()[self.position]
         self.position += 1
         return list(batch)
+
+    def next_draws(self) -> list[Draw]:
+        """The next batch with each place's seed (see the module docstring)."""
+        batch = self.next_batch()
+        epoch, position = self.epoch, self.position - 1
+        return [Draw(index, draw_seed(self.seed, epoch, position, slot)) for slot, index in enumerate(batch)]
 
     def __iter__(self) -> "BatchSampler":
         return self

@@ -1,8 +1,9 @@
 """Content-addressed caches of VAE latents and text-encoder outputs, on disk as safetensors.
 
-A key covers everything that changes the value (DESIGN invariant 6): for a latent the image bytes' hash, bucket,
-crop plan, flip, encoder identity, dtype and the resize method; for text the caption, encoder identity and clip
-skip. Nothing is ever invalidated by name or date, so editing one caption re-encodes one caption.
+A key covers everything that changes the value (DESIGN invariant 6): for a latent the image's hash (of the file's
+bytes, or of the pixels of an image that came from the graph), bucket, crop plan, flip, encoder identity, dtype and
+the resize method; for text the caption, encoder identity and clip skip. Nothing is ever invalidated by name or
+date, so editing one caption re-encodes one caption.
 
 Layout: one file per entry, ``<folder>/<key[:2]>/<key>.safetensors`` (text and latent keys never collide, so
 the two caches may share a folder, though separate ones are tidier). Per-entry files (rather than
@@ -27,7 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import BucketConfig
+from ..config import BucketConfig, DatasetConfig
 from ..errors import TrainingError
 from ..files.atomic import write_with
 from .buckets import LATENT_FACTOR, Bucketer, BucketReport, CropPlan, ImageTooSmall, apply_crop_plan, bucket_report
@@ -181,6 +182,8 @@ class LatentSample:
     crop_top_left_flipped: Optional[tuple[int, int]]  # the same for the flipped variant (left mirrored)
     image_path: str
     content_hash: str = ""
+    loss_weight: float = 1.0  # multiplies this sample's loss (regularisation images: prior_loss_weight)
+    caption_options: Optional[DatasetConfig] = None  # its own dataset's caption options (combined datasets)
 
     def size_ids(self, flipped: bool = False) -> tuple[int, int, int, int, int, int]:
         """SDXL micro-conditioning: original_h, original_w, crop_top, crop_left, target_h, target_w."""
@@ -283,7 +286,8 @@ def prepare_latents(
             caption=item.caption, repeats=item.repeats, bucket=plan.bucket, resolution=plan.resolution,
             original_size=plan.original_size, crop_top_left=plan.crop_top_left,
             crop_top_left_flipped=plan.flipped_crop_top_left if len(keys) > 1 else None,
-            image_path=item.path, content_hash=item.content_hash,
+            image_path=item.path, content_hash=item.content_hash, loss_weight=float(item.loss_weight),
+            caption_options=item.caption_options,
         ))
     stats.seconds = time.perf_counter() - started
     report = LatentReport(bucket_report(kept_plans, [s.repeats for s in samples]), stats)
@@ -333,7 +337,10 @@ def _encode_jobs(jobs, encode_images, store, latents, stats, torch_dtype, batch_
 
 def training_image(item: ImageItem, plan: CropPlan) -> "Image.Image":
     """The exact pixels a sample trains on: the file read once, checked against the scanned hash (so a cache
-    entry never stores pixels of another version of the file), decoded at reduced scale where possible, cut."""
+    entry never stores pixels of another version of the file), decoded at reduced scale where possible, cut.
+    An image held in memory (``item.pixels``, hashed when it was made) is resized and cut the same way."""
+    if item.pixels is not None:
+        return apply_crop_plan(Image.fromarray(np.asarray(item.pixels, dtype=np.uint8)), plan)
     data = _read(item.path)
     if hashlib.sha256(data).hexdigest() != item.content_hash:
         raise ImageReadError(item.path, "file changed since the dataset was scanned; load the dataset again")

@@ -42,14 +42,19 @@ class DatasetError(TrainingError):
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: str  # absolute
+    path: str  # absolute; for an image held in memory a name that is unique for its pixels (graph_images.py)
     caption: str  # after trigger insertion; "" when there is neither caption, class words nor trigger
     repeats: int
     width: int  # after EXIF orientation
     height: int
-    content_hash: str  # sha256 of the file bytes
+    content_hash: str  # sha256 of the file bytes (in memory: of the RGB pixels and their size)
     captioned: bool = True  # False when no usable caption file existed
     rel_path: str = ""  # relative to the dataset folder, "/" separated
+    # An image that has no file (Dataset from Images): its (H, W, 3) uint8 RGB pixels. None: read `path`.
+    pixels: Optional[object] = field(default=None, compare=False, hash=False, repr=False)
+    loss_weight: float = 1.0  # multiplies this image's loss (regularisation images: prior_loss_weight)
+    # Caption options of the dataset this item came from when several are combined (combine.py); None: the run's.
+    caption_options: Optional[DatasetConfig] = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass
@@ -68,25 +73,29 @@ class DatasetReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # other files / folders not used, with why
     folders: dict[str, tuple[int, int]] = field(default_factory=dict)  # folder -> (repeats, images)
     short_side_histogram: dict[str, int] = field(default_factory=dict)
+    kind: str = "folder"  # "folder" (scanned files) or "graph" (images handed over in memory, graph_images.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_text(self) -> str:
+        files = self.kind == "folder"
         lines = [
             f"Dataset: {self.folder}",
-            f"  {self.images} usable image(s), {self.captioned} with a caption file, "
+            f"  {self.images} usable image(s), {self.captioned} with a caption{' file' if files else ''}, "
             f"{self.samples_per_epoch} sample(s) per epoch (repeats included)",
         ]
         for folder, (repeats, count) in sorted(self.folders.items()):
-            lines.append(f"  {folder or '(top folder)'}: {count} image(s) x {repeats} repeat(s)")
+            lines.append(f"  {folder or ('(top folder)' if files else 'images')}: {count} image(s) x {repeats} "
+                         "repeat(s)")
         if self.short_side_histogram:
             bins = ", ".join(f"{k}: {v}" for k, v in self.short_side_histogram.items())
             lines.append(f"  Short side (px): {bins}")
         sections = [
             ("Unreadable, skipped", [f"{f}: {r}" for f, r in self.unreadable]),
             ("Caption file problems", [f"{f}: {r}" for f, r in self.caption_warnings]),
-            ("No caption (trained with folder words / trigger only)", self.missing_captions),
+            ("No caption (trained with folder words / trigger only)" if files else
+             "No caption (trained with the trigger word only)", self.missing_captions),
             ("Caption without image", self.captions_without_image),
             ("Duplicates (identical files, all kept)", [" = ".join(g) for g in self.duplicates]),
             (
@@ -171,7 +180,7 @@ def scan_dataset(cfg: DatasetConfig, min_size: Optional[int] = None, workers: Op
         report.folders[repeat_folder] = (repeats, report.folders.get(repeat_folder, (0, 0))[1] + 1)
 
     report.captions_without_image = [c for c in captions if c not in used_captions]
-    _summarise(report, items, min_size)
+    summarise(report, items, min_size)
     if not items:
         raise DatasetError(_nothing_usable(root, images, captions, report), report)
     return Dataset(str(root), items, report, cfg, _fingerprint_of(root, images + captions))
@@ -251,7 +260,8 @@ def _repeats_for(folder: str, default: int) -> tuple[int, str, str]:
     return int(default), "", ""
 
 
-def _summarise(report: DatasetReport, items: list[ImageItem], min_size: Optional[int]) -> None:
+def summarise(report: DatasetReport, items: list[ImageItem], min_size: Optional[int]) -> None:
+    """Fill the report's counts, duplicates, small images and short-side histogram from the usable items."""
     report.images = len(items)
     report.captioned = sum(item.captioned for item in items)
     report.samples_per_epoch = sum(item.repeats for item in items)

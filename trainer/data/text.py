@@ -85,12 +85,17 @@ class TextEmbeddings:
             self.variants.popitem(last=False)
         return found
 
+    def items(self, captions: Sequence[str]) -> list[Embedding]:
+        """Each caption's own entry ({"context": (tokens, width), "pooled"?, "extra.<name>"?: what the family's
+        conditioning reads besides, e.g. an attention mask}), in order. Not for text-encoder training."""
+        variants = self._variant_lookup([c for c in captions if c not in self.memory])
+        return [self.memory[c] if c in self.memory else variants[c] for c in captions]
+
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(context (B, tokens, width), pooled (B, P) or None) for these captions, in order."""
         if self.trainable:
             return self.host.text_forward(list(captions), self.clip_skip)
-        variants = self._variant_lookup([c for c in captions if c not in self.memory])
-        items = [self.memory[c] if c in self.memory else variants[c] for c in captions]
+        items = self.items(captions)
         context = stack_contexts([item["context"] for item in items])
         pooled = torch.stack([item["pooled"] for item in items]) if "pooled" in items[0] else None
         return context, pooled

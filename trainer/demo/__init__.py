@@ -1,7 +1,8 @@
 """`python -m trainer demo`: a whole training run on the CPU in about a minute, before any model is downloaded.
 
 Builds a tiny random SD1.5-shaped diffusers model and a synthetic captioned dataset (coloured shapes drawn with
-Pillow), then trains a LoRA through the same headless path as `python -m trainer train --config FILE`.
+Pillow), writes them as `<out>/demo_config.json`, then trains a LoRA through the same headless path as
+`python -m trainer train --config FILE` (which trains that file too, also under torchrun).
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def demo_config(out: Path, steps: int = 60) -> dict:
     }
 
 
-def run_demo(out: str | Path = "demo_output", steps: int = 60, echo=print) -> dict:
-    from ..headless import HeadlessSpec, run
+def prepare_demo(out: str | Path = "demo_output", steps: int = 60, echo=print) -> tuple[dict, Path]:
+    """The model, the dataset and ``<out>/demo_config.json`` (each made only when missing or different)."""
+    from ..files.atomic import write_text
     from .tiny_models import build_tiny_pipeline
 
     out = Path(out).resolve()
@@ -61,9 +63,23 @@ def run_demo(out: str | Path = "demo_output", steps: int = 60, echo=print) -> di
     if not (out / "dataset").is_dir():
         make_demo_dataset(out / "dataset")
     config = demo_config(out, steps)
-    (out / "demo_config.json").write_text(json.dumps(config, indent=1))
+    path, text = out / "demo_config.json", json.dumps(config, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
+    return config, path
+
+
+def run_demo(out: str | Path = "demo_output", steps: int = 60, echo=print) -> dict:
+    from ..headless import HeadlessSpec, run
+    from ..training import distributed
+    from .threads import use_demo_threads
+
+    with distributed.one_writer_first():  # under a launcher rank 0 builds, the others find the files
+        config, _ = prepare_demo(out, steps, echo if distributed.is_main() else (lambda *a: None))
+    use_demo_threads(echo if distributed.is_main() else (lambda *a: None))  # a busy machine: see threads.py
     result = run(HeadlessSpec.from_dict(config), echo=echo)
     summary = {"steps": result.step, "first_loss": result.losses[0], "last_loss": result.losses[-1],
                "lora": config["output"]["lora"], "run_dir": config["output"]["run_dir"]}
-    echo(f"demo finished: {json.dumps(summary)}")
+    if distributed.is_main():
+        echo(f"demo finished: {json.dumps(summary)}")
     return summary

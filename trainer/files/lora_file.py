@@ -1,5 +1,8 @@
 """The LoRA file: kohya-format safetensors with kohya ``ss_*`` metadata, ``modelspec.*`` and our config.
 
+The tensors are whatever the network's algorithm stores (LoRA / DoRA: ``lora_down/lora_up`` (+ ``dora_scale``);
+LoHa: ``hada_w*``; LoKr: ``lokr_w*``; all: ``alpha``; trainer/adapters/algorithms.py), under kohya names.
+
 Written atomically (temp file + rename). Weights are stored in the chosen dtype, alphas as fp32 0-dim tensors
 (every reader takes ``.item()``, and fp32 keeps odd alphas exact). ``sshs_model_hash`` / ``sshs_legacy_hash`` are
 computed as kohya does, on a re-serialisation holding the tensors and only the ``ss_*`` metadata, so editing the
@@ -14,19 +17,18 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from ..adapters.algorithms import network_args as network_args_of
+from ..adapters.algorithms import network_module
 from ..config import TrainConfig
 from ..errors import TrainingError
+from ..families import FAMILIES
 from .atomic import write_with
 
 if TYPE_CHECKING:  # torch is imported where it is used
     import torch
 
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
-FAMILIES = {
-    # family: (ss_base_model_version, modelspec.architecture, modelspec.implementation)
-    "sd15": ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
-    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
-}
+IMPLEMENTATIONS = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 CONFIG_KEY = "loralab_config"
 
 
@@ -98,6 +100,24 @@ def save_lora(path: Union[str, Path], state_dict: Mapping[str, "torch.Tensor"],
     return path
 
 
+def holds_same_lora(path: Union[str, Path], state_dict: Mapping[str, "torch.Tensor"],
+                    metadata: Optional[Mapping[str, Any]] = None, dtype="fp16") -> bool:
+    """Would ``save_lora(path, state_dict, metadata, dtype)`` write what ``path`` already holds? The same weights
+    and kohya metadata (its ``sshs_model_hash``) and the same title, trigger phrase and description; only the
+    date may differ. False for a missing or unreadable file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            existing = dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: not the same
+        return False
+    meta = {str(k): _as_str(v) for k, v in (metadata or {}).items()}
+    model_hash, _ = kohya_hashes(_prepare(state_dict, _torch_dtype(dtype)), meta)
+    shown = ("modelspec.title", "modelspec.trigger_phrase", "modelspec.description")
+    return existing.get("sshs_model_hash") == model_hash and all(existing.get(k) == meta.get(k) for k in shown)
+
+
 def load_lora(path: Union[str, Path]) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
     """Read a .safetensors LoRA: (state dict, metadata). Missing, unreadable or corrupt files raise
     :class:`LoRAFileError` naming the file."""
@@ -148,23 +168,29 @@ def build_metadata(config: TrainConfig, family: str, prediction: str, resolution
     """
     if family not in FAMILIES:
         raise ValueError(f"no LoRA metadata rule for model family '{family}' (supported: {', '.join(FAMILIES)})")
-    base_version, architecture, implementation = FAMILIES[family]
+    base_version, architecture = FAMILIES[family].base_version, FAMILIES[family].architecture + "/lora"
+    implementation = IMPLEMENTATIONS.get(family, "https://github.com/comfyanonymous/ComfyUI")
     net, opt, obj = config.network, config.optimizer, config.objective
     width, height = _resolution(resolution)
     te_lr = (opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.learning_rate)
     finished = _timestamp(finished_at)
     date = (_dt.datetime.fromtimestamp(finished) if finished is not None else _dt.datetime.now()).astimezone()
 
-    network_args: dict[str, str] = {"targets": net.targets}
+    # LoHa, LoKr and DoRA are LyCORIS files: module "lycoris.kohya", the algorithm in ss_network_args as LyCORIS
+    # reads it ({"algo": "loha"}, ...); plain LoRA is kohya's own "networks.lora".
+    network_args: dict[str, str] = {**network_args_of(net.algorithm, net.lokr_factor, net.lokr_full_matrix),
+                                    "targets": net.targets}
     if net.targets == "full":  # 3x3 convs carry adapters: tell kohya-aware tools their rank/alpha
         conv = net.conv_rank > 0
         network_args["conv_dim"] = str(net.conv_rank if conv else net.rank)
         network_args["conv_alpha"] = str(net.conv_alpha if conv else net.alpha)
     if net.dropout:
         network_args["dropout_on_input"] = str(net.dropout)
+    if opt.loraplus_lr_ratio:
+        network_args["loraplus_lr_ratio"] = str(opt.loraplus_lr_ratio)  # where kohya records LoRA+
 
     meta: dict[str, Any] = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module(net.algorithm),
         "ss_network_dim": net.rank,
         "ss_network_alpha": net.alpha,
         "ss_network_dropout": net.dropout,
@@ -214,7 +240,7 @@ def build_metadata(config: TrainConfig, family: str, prediction: str, resolution
         "modelspec.title": title or f"LoRA@{date.strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": date.isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if prediction in ("v", "v_prediction") else "epsilon",
+        "modelspec.prediction_type": {"v": "v", "v_prediction": "v", "flow": "flow"}.get(prediction, "epsilon"),
     })
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase

@@ -34,12 +34,16 @@ class Conditioning:
     pooled: Optional["torch.Tensor"] = None  # (B, P): SDXL pooled text embedding
     # (B, 6) SDXL micro-conditioning, in pixels: original_h, original_w, crop_top, crop_left, target_h, target_w
     size_ids: Optional["torch.Tensor"] = None
+    # Each sample's own text-cache entry (hosts that build conditioning per sample, the DiT families: contexts of
+    # different lengths and extras such as attention masks stay as the encoder made them). None: use the rows above.
+    samples: Optional[list] = None
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        return Conditioning(move(self.context), move(self.pooled), move(self.size_ids))
+        samples = None if self.samples is None else [{k: move(v) for k, v in item.items()} for item in self.samples]
+        return Conditioning(move(self.context), move(self.pooled), move(self.size_ids), samples)
 
 
 @dataclass
@@ -64,7 +68,7 @@ class MemoryInfo:
 class Host(Protocol):
     """What a model host provides. Attributes are plain values; methods may be expensive."""
 
-    family: str  # "sd15", "sdxl"
+    family: str  # "sd15", "sdxl", "flux_dev", ... (trainer/families.py)
     device: "torch.device"
     dtype: "torch.dtype"  # dtype the denoiser's layers compute in (weights, or their run-time cast); see precision.py
     schedule: "NoiseSchedule"

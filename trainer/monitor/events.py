@@ -7,7 +7,7 @@ only to read CUDA/MPS memory counters.
 
 Payload (``v`` = :data:`SCHEMA_VERSION`)::
 
-    {v, node, run, phase, step, total, loss, loss_ema, lr, it_per_s, eta_s,
+    {v, node, run, phase, step, total, loss, loss_ema, lr, it_per_s, eta_s, eta_detail,
      mem: {device, allocated, reserved, peak, total}, message?, preview?}
 
 * ``phase`` is one of :data:`PHASES`. ``step``/``total`` always count optimizer steps (caching progress goes in
@@ -34,7 +34,21 @@ towards 0 of the first steps, so the first EMA value equals the first loss.
 
 Speed: ``it_per_s`` is the step rate over a sliding window of the last :data:`RATE_WINDOW` step reports
 (``(step_last - step_first) / (t_last - t_first)``); the window restarts after any non-training phase so the time
-spent on previews or saving does not count as slow steps. ``eta_s = (total - step) / it_per_s``.
+spent on previews or saving does not count as slow steps.
+
+ETA: the steps left at that rate plus the previews and saves still to come, each at the measured cost of the last
+one (a preview renders images with the sampler and can take far longer than all the steps together)::
+
+    eta_s = (total - step) / it_per_s + previews_left * preview_cost_s + saves_left * save_cost_s
+            (+ what is left of a preview or save in progress)
+
+``eta_detail`` = ``{training_s, previews_left, preview_cost_s, saves_left, save_cost_s}`` says what it is made of.
+A cost is measured from entering the "preview" / "saving" phase to leaving it; until the first one is measured it is
+``None`` and ``eta_s`` counts only what is known (the panel then says "+ N previews"). ``previews_left`` counts the
+multiples of ``preview_every`` in (step, total] (a preview also runs at the last step); ``saves_left`` the multiples of
+``save_every`` in (step, total) (the loop's periodic snapshots; the final save is not counted). The loop saves and
+then previews right after it reports a step, so while the phase is still "training" those of the current step count
+as to come (and the preview while "saving").
 """
 from __future__ import annotations
 
@@ -57,6 +71,7 @@ TERMINAL_PHASES = frozenset({"done", "stopped", "error"})
 EMA_BETA = 0.98
 RATE_WINDOW = 32
 MEM_KEYS = ("device", "allocated", "reserved", "peak", "total")
+COSTED_PHASES = ("preview", "saving")  # phases whose duration is measured and counted in the ETA
 
 Payload = dict
 
@@ -106,6 +121,14 @@ def ema_series(losses: Iterable[Any], beta: float = EMA_BETA) -> list[Optional[f
     """The EMA after each loss of a series (None until the first finite loss); used by the plot and on resume."""
     ema = LossEMA(beta)
     return [ema.update(x) for x in losses]
+
+
+def _multiples(every: int, after: int, upto: int, include_end: bool) -> int:
+    """How many multiples of ``every`` lie in (after, upto] (``include_end``) or (after, upto)."""
+    if every <= 0 or upto <= after:
+        return 0
+    last = upto if include_end else upto - 1
+    return max(0, last // every - after // every)
 
 
 def preview_url(run: str, name: str) -> str:
@@ -262,6 +285,8 @@ class ProgressReporter:
         ema_beta: float = EMA_BETA,
         rate_window: int = RATE_WINDOW,
         estimate: Optional[int] = None,
+        preview_every: int = 0,
+        save_every: int = 0,
     ):
         self._emit = emit
         self.node = "" if node is None else str(node)
@@ -273,6 +298,11 @@ class ProgressReporter:
         self._memory = memory
         self.estimate = estimate  # bytes: the pre-flight estimate of the peak, sent as mem.estimate
         self.ema = LossEMA(ema_beta)
+        self.preview_every = max(0, int(preview_every or 0))  # the loop's cadences, for the ETA
+        self.save_every = max(0, int(save_every or 0))
+        self.costs: dict[str, float] = {}  # "preview" / "saving" -> seconds the last one took
+        self._phase_since: Optional[float] = None  # when the current phase was entered
+        self._cost_final = False  # the current phase's cost is already known exactly (a preview's image arrived)
 
         self._phase: Optional[str] = None
         self._step = 0
@@ -297,6 +327,50 @@ class ProgressReporter:
     def it_per_s(self) -> Optional[float]:
         return self._rate
 
+    def _enter(self, phase: str, now: Optional[float] = None, after_step: bool = False) -> None:
+        """Switch to ``phase``; leaving a preview or a save records what it cost (for the ETA). ``after_step``: the
+        phase is left by a step report, so one step's compute ran in the interval and is not part of the cost."""
+        now = self._clock() if now is None else now
+        if self._phase in COSTED_PHASES and self._phase_since is not None and not self._cost_final:
+            spent = now - self._phase_since
+            if after_step and self._rate:
+                spent -= 1.0 / self._rate
+            self.costs[self._phase] = max(0.0, spent)
+        self._phase = phase
+        self._phase_since = now
+        self._cost_final = False
+
+    def eta_detail(self, now: Optional[float] = None) -> dict:
+        """What the ETA is made of (see the module docstring); ``training_s`` is None until the rate is known."""
+        rate = self._rate
+        left = max(0, self.total - self._step)
+        training = left / rate if rate is not None and rate > 0 and self.total > 0 else None
+        step, phase = self._step, self._phase
+        previews = _multiples(self.preview_every, step, self.total, include_end=True)
+        saves = _multiples(self.save_every, step, self.total, include_end=False)
+        # The loop saves, then previews, right after reporting a step: those of this very step are still to come.
+        if step > 0 and phase in ("training", "saving") and self.preview_every and step % self.preview_every == 0:
+            previews += 1
+        if step > 0 and phase == "training" and self.save_every and step % self.save_every == 0 and step < self.total:
+            saves += 1
+        return {"training_s": finite_or_none(training), "previews_left": previews,
+                "preview_cost_s": finite_or_none(self.costs.get("preview")), "saves_left": saves,
+                "save_cost_s": finite_or_none(self.costs.get("saving"))}
+
+    def _eta(self, detail: dict) -> Optional[float]:
+        if detail["training_s"] is None:
+            return None
+        eta = detail["training_s"]
+        for count, cost in ((detail["previews_left"], detail["preview_cost_s"]),
+                            (detail["saves_left"], detail["save_cost_s"])):
+            if cost is not None:
+                eta += count * cost
+        if self._phase in COSTED_PHASES and self._phase_since is not None:
+            cost = self.costs.get(self._phase)
+            if cost is not None:  # the rest of the preview / save running now
+                eta += max(0.0, cost - (self._clock() - self._phase_since))
+        return max(0.0, eta)
+
     def resume(self, step: int, losses: Iterable[Any] = ()) -> None:
         """Continue a run at ``step``: replays the earlier losses (``read_history(run_dir)["loss"]``) into the EMA
         so the resumed EMA is the one an uninterrupted run would have had."""
@@ -317,7 +391,7 @@ class ProgressReporter:
             self.total = int(total)
         changed = phase != self._phase
         if changed:
-            self._phase = phase
+            self._enter(phase)
             self._message = message
             self._window.clear()  # time spent outside training does not count as slow steps
         elif message is not None:
@@ -349,7 +423,7 @@ class ProgressReporter:
                 self._rate = (s1 - s0) / (t1 - t0)
         self._dirty = True
         if self._phase != "training":
-            self._phase = "training"
+            self._enter("training", now, after_step=True)
             self._message = None
             return self._maybe_send(force=True, mem=mem)
         return self._maybe_send(force=False, mem=mem)
@@ -361,7 +435,10 @@ class ProgressReporter:
         self._preview = str(url)
         if self._phase != "preview":
             self._window.clear()
-        self._phase = "preview"
+            self._enter("preview")
+        elif self._phase_since is not None:  # the image is the end of the preview: its exact cost
+            self.costs["preview"] = max(0.0, self._clock() - self._phase_since)
+            self._cost_final = True
         self._message = message
         self._dirty = True
         return self._maybe_send(force=True)
@@ -452,9 +529,8 @@ class ProgressReporter:
     def payload(self, mem: Any = None) -> Payload:
         """The payload for the current state (does not send or count against the throttle)."""
         rate = self._rate
-        eta = None
-        if rate is not None and rate > 0 and self.total > 0:
-            eta = max(0.0, (self.total - self._step) / rate)
+        detail = self.eta_detail()
+        eta = self._eta(detail)
         if self._phase in TERMINAL_PHASES:
             eta = 0.0 if self._phase == "done" else None
         p: Payload = {
@@ -469,6 +545,7 @@ class ProgressReporter:
             "lr": self._lr,
             "it_per_s": finite_or_none(rate),
             "eta_s": finite_or_none(eta),
+            "eta_detail": detail,
             "mem": self._mem(mem),
         }
         if self.estimate is not None:

@@ -70,7 +70,7 @@ def target_rank(module, network_cfg) -> int:
 
 
 def target_dims(module) -> tuple[int, int]:
-    """(fan in incl. kernel, fan out): a rank above min of both is meaningless (network.py refuses it)."""
+    """(fan in incl. kernel, fan out): a LoRA rank above min of both is meaningless (network.py refuses it)."""
     from torch import nn
 
     if isinstance(module, nn.Conv2d):
@@ -78,21 +78,32 @@ def target_dims(module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def adapter_param_count(module, rank: int) -> int:
-    """LoRA parameters for one target: Linear rank*(in+out); Conv2d rank*in*kh*kw + out*rank (1x1 up conv)."""
+def target_layout(module, rank: int, network_cfg=None):
+    """The adapter trainer/adapters/network.py gives this target at ``rank`` under ``network_cfg``'s algorithm
+    (plain LoRA without a config): its tensors' shapes, its rank limit (``Layout.fits()``)."""
     from torch import nn
 
-    if isinstance(module, nn.Conv2d):
-        return rank * module.in_channels * math.prod(module.kernel_size) + module.out_channels * rank
-    return rank * (module.in_features + module.out_features)
-
-
-def adapter_shapes(module, rank: int) -> list[tuple[int, ...]]:
-    from torch import nn
+    from ..adapters.algorithms import Geometry, layout
 
     if isinstance(module, nn.Conv2d):
-        return [(rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)]
-    return [(rank, module.in_features), (module.out_features, rank)]
+        geometry = Geometry(module.out_channels, module.in_channels, tuple(module.kernel_size))
+    else:
+        geometry = Geometry(module.out_features, module.in_features)
+    if network_cfg is None:
+        return layout("lora", geometry, rank)
+    return layout(network_cfg.algorithm, geometry, rank, lokr_factor=network_cfg.lokr_factor,
+                  lokr_full_matrix=network_cfg.lokr_full_matrix)
+
+
+def adapter_param_count(module, rank: int, network_cfg=None) -> int:
+    """Adapter parameters for one target. LoRA: Linear rank*(in+out); Conv2d rank*in*kh*kw + out*rank (1x1 up
+    conv); DoRA adds one magnitude per input channel; LoHa twice LoRA's; LoKr its two Kronecker factors
+    (trainer/adapters/algorithms.py)."""
+    return target_layout(module, rank, network_cfg).param_count()
+
+
+def adapter_shapes(module, rank: int, network_cfg=None) -> list[tuple[int, ...]]:
+    return list(target_layout(module, rank, network_cfg).shapes.values())
 
 
 def optimizer_state_bytes(name: str, n_params: int, shapes: Optional[Sequence[tuple[int, ...]]] = None,
@@ -132,19 +143,53 @@ def optimizer_state_bytes(name: str, n_params: int, shapes: Optional[Sequence[tu
 class _Adapters:
     """Temporary LoRA-shaped forward hooks that do what trainer/adapters/network.py's hooks do (fp32 adapters; the hook adds
     ``up(down(dropout(x.float()))) * scale`` cast to the output dtype), so autograd saves the same tensors. The
-    ids of the rank-wide ``down`` outputs are recorded so their bytes can be rescaled for another rank."""
+    ids of the rank-wide ``down`` outputs are recorded so their bytes can be rescaled for another rank.
 
-    def __init__(self, targets: Sequence[Any], ranks: Sequence[int], dropout: float):
+    Other algorithms (``network_cfg.algorithm`` LoHa, LoKr, DoRA) are traced with the real adapter modules and the
+    network's own hooks (trainer/adapters/network.py), so what they save (DoRA's scaled input, LoKr's grouped
+    products, LoHa's input and factors) is measured, not modelled."""
+
+    def __init__(self, targets: Sequence[Any], ranks: Sequence[int], dropout: float, network_cfg=None):
         self.targets, self.ranks, self.dropout = list(targets), list(ranks), float(dropout)
+        self.network_cfg = network_cfg
         self.handles: list[Any] = []
         self.params: list[Any] = []
         self.down_outputs: set[int] = set()  # storage data_ptrs of down outputs in the current forward
+
+    def _enter_real(self) -> None:
+        """Real adapter modules of the configured algorithm on every target, hooked as the network hooks them."""
+        import dataclasses
+
+        import torch
+
+        from ..adapters.network import LoRANetwork, make_adapter
+
+        cfg = dataclasses.replace(self.network_cfg, dropout=self.dropout)
+        for target, rank in zip(self.targets, self.ranks):
+            module = target.module
+            lay = target_layout(module, rank, cfg)
+            if rank <= 0 or not lay.fits() or module.weight.device.type == "meta":
+                continue  # network.py refuses these; preflight reports them
+            with torch.inference_mode(False):
+                adapter = make_adapter(module, lay, rank, cfg).to(module.weight.device).train()
+            hooks = LoRANetwork.hooks_for(adapter)
+            self.params += list(adapter.parameters()) + list(adapter.buffers())
+            self.handles.append(module.register_forward_hook(hooks[0], with_kwargs=True))
+            if hooks[1] is not None:
+                self.handles.append(module.register_forward_pre_hook(hooks[1], with_kwargs=True))
 
     def __enter__(self) -> "_Adapters":
         import torch
         import torch.nn.functional as F
         from torch import nn
 
+        if self.network_cfg is not None and self.network_cfg.algorithm != "lora":
+            try:
+                self._enter_real()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            return self
         try:
             for target, rank in zip(self.targets, self.ranks):
                 module = target.module
@@ -350,25 +395,30 @@ _TRACE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary
 _TRACE_LOCK = threading.Lock()
 
 
-def _text_shapes(host) -> tuple[int, int, Optional[int]]:
-    """(tokens, width, pooled width or None) of the host's text conditioning, from one encoded empty caption."""
+def _text_shapes(host) -> tuple:
+    """(tokens, width, pooled width or None, extras) of the host's text conditioning, from one encoded empty
+    caption; extras: the entry's other tensors (``extra.*``: masks, HiDream's Llama states) for per-sample hosts."""
     try:
         item = host.encode_text([""], 1)[0]
         ctx = item["context"]
         pooled = item.get("pooled")
-        return int(ctx.shape[-2]), int(ctx.shape[-1]), (int(pooled.shape[-1]) if pooled is not None else None)
+        extras = {k: v for k, v in item.items() if k.startswith("extra.")}
+        return (int(ctx.shape[-2]), int(ctx.shape[-1]), (int(pooled.shape[-1]) if pooled is not None else None),
+                extras)
     except Exception:  # noqa: BLE001 - no text encoder connected: the config width is enough for SD1.5
-        return 77, int(getattr(host, "context_width", 768) or 768), (1280 if host.family == "sdxl" else None)
+        pooled = getattr(host, "pooled_width", None) or (1280 if host.family == "sdxl" else None)
+        return 77, int(getattr(host, "context_width", 768) or 768), pooled, {}
 
 
-def _dummy_inputs(host, batch: int, side: int, text: tuple[int, int, Optional[int]]):
+def _dummy_inputs(host, batch: int, side: int, text: tuple):
     import torch
 
     from ..hosts.base import Conditioning
 
     device, dtype = host.device, host.dtype
-    tokens, width, pooled_width = text
-    noisy = torch.randn(batch, host.latent_channels, side, side, device=device, dtype=torch.float32)
+    tokens, width, pooled_width, extras = text
+    frames = (1,) if getattr(host, "latent_dims", 2) == 3 else ()  # Wan / Qwen-Image: one-frame video latents
+    noisy = torch.randn(batch, host.latent_channels, *frames, side, side, device=device, dtype=torch.float32)
     schedule = getattr(host, "schedule", None)
     if getattr(schedule, "timestep_unit", "index") == "sigma":
         t = torch.full((batch,), 0.5, device=device)
@@ -380,7 +430,11 @@ def _dummy_inputs(host, batch: int, side: int, text: tuple[int, int, Optional[in
     if host.family == "sdxl":
         px = side * 8
         size_ids = torch.tensor([[px, px, 0, 0, px, px]] * batch, dtype=torch.float32, device=device)
-    cond = Conditioning(context, pooled, size_ids)
+    samples = None
+    if getattr(host, "per_sample_conditioning", False):  # the entries a text cache would hand over
+        samples = [{"context": context[i], **({"pooled": pooled[i]} if pooled is not None else {}),
+                    **{k: v.to(device) for k, v in extras.items()}} for i in range(batch)]
+    cond = Conditioning(context, pooled, size_ids, samples)
     return noisy.to(dtype), t, cond.to(dtype=dtype)
 
 
@@ -420,15 +474,22 @@ def _exclude_ptrs(*modules) -> set:
     return ptrs
 
 
+def _algorithm_key(network_cfg) -> tuple:
+    if network_cfg is None:
+        return ("lora",)
+    return (network_cfg.algorithm, network_cfg.lokr_factor, bool(network_cfg.lokr_full_matrix))
+
+
 def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout: float = 0.0,
-                   attention: str = "sdpa", checkpointing: bool = True) -> ActivationFit:
+                   attention: str = "sdpa", checkpointing: bool = True, network_cfg=None) -> ActivationFit:
     """Trace the denoiser's saved activations at the small sizes and fit them (cached per model and settings).
-    The checkpointed traces run only when ``checkpointing`` asks for them."""
+    The checkpointed traces run only when ``checkpointing`` asks for them. ``network_cfg``: the adapter algorithm
+    to trace (None: LoRA)."""
     import torch
 
     denoiser = host.denoiser()
     key = (type(host).__qualname__, tuple((id(t.module), r) for t, r in zip(targets, ranks)), mixed_precision,
-           dropout > 0, attention, str(host.dtype))
+           dropout > 0, attention, str(host.dtype), _algorithm_key(network_cfg))
     with _TRACE_LOCK:
         cache = _TRACE_CACHE.setdefault(denoiser, {})
         plain = cache.get(key + ("plain",))
@@ -452,7 +513,7 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
                 _release_heap()
         return samples
 
-    with _grad_mode(), _Adapters(targets, ranks, dropout) as adapters, _attention_context(attention):
+    with _grad_mode(), _Adapters(targets, ranks, dropout, network_cfg) as adapters, _attention_context(attention):
         exclude = _exclude_ptrs(denoiser) | {p.untyped_storage().data_ptr() for p in adapters.params}
         rng_state = torch.get_rng_state()
         try:
@@ -488,14 +549,14 @@ def trace_denoiser(host, targets, ranks, *, mixed_precision: str = "no", dropout
 
 
 def trace_text_encoders(host, targets, ranks, *, mixed_precision: str = "no", dropout: float = 0.0,
-                        clip_skip: int = 1) -> tuple[float, float]:
+                        clip_skip: int = 1, network_cfg=None) -> tuple[float, float]:
     """(batch-independent, per-sample) saved bytes of a text-encoder forward with adapters (text-encoder training)."""
     forward = getattr(host, "text_forward", None)
     if forward is None or not targets:
         raise RuntimeError("the host has no text_forward")
     encoders = list(host.text_encoders().values())
     values = []
-    with _grad_mode(), _Adapters(targets, ranks, dropout) as adapters:
+    with _grad_mode(), _Adapters(targets, ranks, dropout, network_cfg) as adapters:
         exclude = _exclude_ptrs(*encoders) | {p.untyped_storage().data_ptr() for p in adapters.params}
 
         class _Root:  # attribute everything to one pseudo-module: only the total matters here

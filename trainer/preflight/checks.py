@@ -3,13 +3,16 @@
 ``preflight(host, cfg, dataset_cfg, bucket_cfg, latent_channels_from_vae=..., output_dir=..., cache_dir=...)``
 returns a list of :class:`Problem` (empty when everything is fine); :func:`raise_problems` raises ONE
 :class:`~trainer.hosts.base.TrainingError` that lists every error, so a user fixes them all in one go instead of meeting
-them one traceback at a time. Each problem names the setting and says how to fix it. Checks are cheap: nothing here
+them one traceback at a time. Each problem names the setting and says how to fix it, in the front-end's words
+(``naming.py``: config keys headless, the node's widgets in ComfyUI). Checks are cheap: nothing here
 trains, reads images or loads files bigger than a resume folder's meta.json; the model is only asked for its
 adapter targets and to encode one empty caption.
 
 Checks (in this order): names of choices (optimizer, scheduler, loss, timestep sampling, mixed precision, network
 targets, output dtype, bucket crop), numbers (steps, batch size, gradient accumulation, saving, learning rates,
 ranks, alpha, dropout, the LoRA to continue from, objective values), mixed precision vs the device, buckets (step, resolutions, min/max),
+settings that defeat themselves (warnings: warmup as long as the run, save / preview intervals longer than it, an
+8-bit optimizer without CUDA, a resolution far from the model family's own),
 the model (VAE latent channels, text-context width, text encoder presence, rank vs every target layer), the
 dataset folder, the output and cache folders (writable, free disk), and the resume folder (same model, same
 settings).
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..choices import (
+    ALGORITHMS,
     CROPS,
     LOSSES,
     MIXED_PRECISIONS,
@@ -38,12 +42,17 @@ from ..config import BucketConfig, DatasetConfig, TrainConfig
 from ..data.dataset import _existing_folder
 from ..data.images import IMAGE_EXTENSIONS, is_image_file
 from ..errors import ConfigError, TrainingError
+from ..families import FAMILIES
 from ..training.objectives import validate_objective
+from .naming import CONFIG_KEYS, Naming, setting_ref
 
 LATENT_FACTOR = 8
 DISK_MARGIN = 0.10  # want 10 % more free disk than the outputs are estimated to take
 SAFETENSORS_OVERHEAD = 64 * 1024  # header + metadata of one LoRA file (metadata holds the config JSON)
 MAX_LISTED = 5  # layers named in one "rank too large" problem
+EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "lion8bit")  # bitsandbytes: made for CUDA
+NATIVE_RESOLUTION = {f.name: f.native_resolution for f in FAMILIES.values()}  # the side each family was trained at
+FAR_FROM_NATIVE = 1.5  # a training resolution outside native / 1.5 .. native * 1.5 gets a warning
 
 
 @dataclass
@@ -54,23 +63,27 @@ class Problem:
     level: str = "error"  # "error" stops training; "warning" is shown and training goes on
 
     def __str__(self) -> str:
-        return f"{self.setting}: {self.message}. Fix: {self.fix}"
+        return self.render(CONFIG_KEYS)
+
+    def render(self, naming: Naming = CONFIG_KEYS) -> str:
+        """The problem in a front-end's words: config keys headless, the node's widgets in ComfyUI."""
+        return f"{naming(self.setting)}: " + naming.text(f"{self.message}. Fix: {self.fix}")
 
     def to_dict(self) -> dict[str, str]:
         return {"setting": self.setting, "message": self.message, "fix": self.fix, "level": self.level}
 
 
-def raise_problems(problems: Sequence[Problem]) -> list[Problem]:
-    """Raise one TrainingError listing every error (warnings included for context); return the warnings if there
-    is no error."""
+def raise_problems(problems: Sequence[Problem], naming: Naming = CONFIG_KEYS) -> list[Problem]:
+    """Raise one TrainingError listing every error (warnings included for context), in ``naming``'s words; return
+    the warnings if there is no error."""
     errors = [p for p in problems if p.level == "error"]
     warnings = [p for p in problems if p.level != "error"]
     if errors:
         lines = [f"Training cannot start: {len(errors)} problem{'s' if len(errors) > 1 else ''} with the settings:"]
-        lines += [f"  {i}. {p}" for i, p in enumerate(errors, 1)]
+        lines += [f"  {i}. {p.render(naming)}" for i, p in enumerate(errors, 1)]
         if warnings:
             lines.append("Also:")
-            lines += [f"  - {p}" for p in warnings]
+            lines += [f"  - {p.render(naming)}" for p in warnings]
         error = TrainingError("\n".join(lines))
         error.problems = list(problems)  # type: ignore[attr-defined]
         raise error
@@ -84,7 +97,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "optimizer.name": tuple(OPTIMIZERS), "optimizer.scheduler": tuple(SCHEDULERS),
         "objective.loss": tuple(LOSSES), "objective.timestep_sampling": tuple(TIMESTEP_SAMPLINGS),
         "network.targets": tuple(TARGET_SETS), "mixed_precision": MIXED_PRECISIONS, "output_dtype": OUTPUT_DTYPES,
-        "buckets.crop": CROPS,
+        "buckets.crop": CROPS, "network.algorithm": ALGORITHMS,
     }
 
 
@@ -109,6 +122,7 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
         "optimizer.name": cfg.optimizer.name, "optimizer.scheduler": cfg.optimizer.scheduler,
         "objective.loss": cfg.objective.loss, "objective.timestep_sampling": cfg.objective.timestep_sampling,
         "mixed_precision": cfg.mixed_precision, "network.targets": cfg.network.targets,
+        "network.algorithm": cfg.network.algorithm,
         "output_dtype": cfg.output_dtype,
     }
     if bucket_cfg is not None:
@@ -165,6 +179,7 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
         problems.append(Problem("network.init_from", f"there is no LoRA file at '{net.init_from}'",
                                 "give the path of an existing .safetensors LoRA (in ComfyUI: pick one in Configure "
                                 "LoRA's continue_from list), or leave it empty to start from scratch"))
+    problems += check_algorithm(cfg)
 
     # --- objective numbers (the objective module's own messages) ---
     try:
@@ -192,6 +207,39 @@ def check_settings(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_
 
     if bucket_cfg is not None:
         problems += check_buckets(bucket_cfg)
+    return problems
+
+
+def check_algorithm(cfg: TrainConfig) -> list[Problem]:
+    """The adapter algorithm's own settings, LoRA+, and whether the LoRA to continue from is of this algorithm."""
+    from ..adapters.algorithms import NAMES, algorithm_of
+
+    problems: list[Problem] = []
+    net, ratio = cfg.network, cfg.optimizer.loraplus_lr_ratio
+    if net.algorithm == "lokr" and (_bad_int(net.lokr_factor, -1) or net.lokr_factor == 0):
+        problems.append(Problem("network.lokr_factor", f"{net.lokr_factor!r} must be -1 (the most balanced split) "
+                                "or a whole number >= 1", "use -1, or 8 / 16 for a smaller small side"))
+    if not _is_number(ratio) or not math.isfinite(ratio) or ratio < 0:
+        problems.append(Problem("optimizer.loraplus_lr_ratio", f"{ratio!r} must be a finite number >= 0",
+                                "use 0 (off) or 16 (LoRA+'s usual ratio)"))
+    elif ratio > 0 and net.algorithm == "lokr" and net.lokr_full_matrix:
+        problems.append(Problem("optimizer.loraplus_lr_ratio", f"{ratio:g} has no effect: LoKr with "
+                                f"{setting_ref('network.lokr_full_matrix')} has no up/B factor to speed up",
+                                f"set it to 0, or turn off {setting_ref('network.lokr_full_matrix')}",
+                                level="warning"))
+    if net.init_from and Path(net.init_from).is_file() and net.algorithm in NAMES:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(net.init_from), framework="pt", device="cpu") as f:
+                found = algorithm_of(key.partition(".")[2] for key in f.keys())
+        except Exception:  # noqa: BLE001 - unreadable files are reported when they are loaded, naming the file
+            found = None
+        if found is not None and found != net.algorithm:
+            problems.append(Problem("network.init_from", f"'{net.init_from}' holds {NAMES[found]} weights but "
+                                    f"{setting_ref('network.algorithm')} is {net.algorithm}",
+                                    f"set {setting_ref('network.algorithm')} to {found} to continue from it, or "
+                                    "start from scratch"))
     return problems
 
 
@@ -235,6 +283,63 @@ def check_buckets(b: BucketConfig) -> list[Problem]:
                     problems.append(Problem(name, f"{value} is not a multiple of buckets.step {b.step}",
                                             f"use {max(b.step, value // b.step * b.step)}"))
     return problems
+
+
+def check_self_defeating(cfg: TrainConfig, bucket_cfg: Optional[BucketConfig], device_type: str,
+                         family: Optional[str] = None, preview_every: int = 0) -> list[Problem]:
+    """Warnings for settings that are valid but defeat their own purpose: a warmup as long as the run, save and
+    preview intervals longer than the run, an 8-bit optimizer without CUDA, a resolution far from the model's own."""
+    problems: list[Problem] = []
+    steps = cfg.steps if not _bad_int(cfg.steps, 1) else None
+    warmup = cfg.optimizer.warmup_steps
+    lr = cfg.optimizer.learning_rate
+    if steps and not _bad_int(warmup, 1) and warmup >= steps:
+        problems.append(Problem(
+            "optimizer.warmup_steps", f"{warmup} is not below {setting_ref('steps')} {steps}: the learning rate "
+            f"ramps up for the whole run and {'never reaches' if warmup > steps else 'reaches only at the last step'} "
+            f"{setting_ref('optimizer.learning_rate')} {lr:g}",
+            f"set {setting_ref('optimizer.warmup_steps')} to about 5-10 % of the steps ({max(1, steps // 10)} here), "
+            "or 0", level="warning"))
+    for key, every, lost, off in (
+        ("save_every", cfg.save_every, "no resumable state is saved during the run (only at the end, on Stop and on "
+         "out-of-memory)", "0 to save only at the end"),
+        ("preview_every", preview_every, "no preview is rendered in this run", "0 to turn previews off"),
+    ):
+        if steps and not _bad_int(every, 1) and every > steps:
+            problems.append(Problem(key, f"{every} is more than {setting_ref('steps')} {steps}: {lost}",
+                                    f"set {setting_ref(key)} to {max(1, steps // 4)} (a quarter of the run) or "
+                                    f"another value up to {steps}, or {off}", level="warning"))
+    if cfg.optimizer.name in EIGHT_BIT_OPTIMIZERS and device_type != "cuda":
+        problems.append(Problem(
+            "optimizer.name", f"{cfg.optimizer.name} is an 8-bit bitsandbytes optimizer, made for CUDA GPUs, but this "
+            f"run is on {device_type}: bitsandbytes is either missing, refuses that device, or has no fast kernels "
+            "for it (only recent releases run on the CPU at all)",
+            f"choose adamw for {setting_ref('optimizer.name')} (or adafactor for the least optimizer memory) on "
+            f"{device_type}", level="warning"))
+    native = NATIVE_RESOLUTION.get(family or "")
+    if native and bucket_cfg is not None:
+        far = [r for r in bucket_cfg.resolutions if isinstance(r, int) and not isinstance(r, bool) and r > 0
+               and not native / FAR_FROM_NATIVE <= r <= native * FAR_FROM_NATIVE]
+        if far:
+            low = far[0] < native
+            problems.append(Problem(
+                "buckets.resolutions", f"{', '.join(map(str, far))} px is far from the {native} px this "
+                f"{FAMILIES[family].title} model was trained at: " + ("it learns from blurry, detail-poor images and generates worse at its "
+                                             "own size" if low else "it generates repeated or stretched subjects at "
+                                             "that size and training needs far more memory"),
+                f"train at {native} ({setting_ref('buckets.resolutions')}), or within {native * 2 // 3}-"
+                f"{int(native * FAR_FROM_NATIVE)} px", level="warning"))
+    return problems
+
+
+def check_objective_for_model(cfg: TrainConfig, prediction: Optional[str]) -> list[Problem]:
+    """Objective settings that a flow model does not use (they are not errors: the node defaults are SD's)."""
+    if prediction == "flow" and cfg.objective.min_snr_gamma > 0:
+        return [Problem("objective.min_snr_gamma", f"min_snr_gamma {cfg.objective.min_snr_gamma:g} is not applied: "
+                        "this is a flow model, trained unweighted with its noise levels shaped by timestep_sampling "
+                        "(as SD3, Flux and the reference flow trainers do)",
+                        f"set {setting_ref('objective.min_snr_gamma')} to 0 to silence this", level="warning")]
+    return []
 
 
 def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int]) -> list[Problem]:
@@ -285,23 +390,31 @@ def check_model(host, cfg: TrainConfig, latent_channels_from_vae: Optional[int])
         problems.append(Problem("network.targets", f"{net.targets!r} finds no layer to train in this model",
                                 "choose 'transformer' (or 'full')"))
         return problems
+    if net.algorithm not in _choices()["network.algorithm"] or (net.algorithm == "lokr" and (
+            _bad_int(net.lokr_factor, -1) or net.lokr_factor == 0)):
+        return problems  # already reported; the layouts need a valid algorithm
+    from ..adapters.algorithms import NAMES
     from ..adapters.targets import is_conv3x3
-    from .memory import target_dims, target_rank
+    from .memory import target_layout, target_rank
 
-    too_big: dict[str, list[tuple[str, int, int, int]]] = {}
+    # the rank limit per layer is the algorithm's: LoRA, LoHa, DoRA min(in, out); LoKr its large Kronecker factor
+    too_big: dict[str, list[tuple[str, str, int, int]]] = {}
     for t in targets:
         rank = target_rank(t.module, net)
-        fan_in, fan_out = target_dims(t.module)
-        if rank > min(fan_in, fan_out):
+        lay = target_layout(t.module, rank, net)
+        if not lay.fits():
             setting = "network.conv_rank" if is_conv3x3(t.module) and net.conv_rank > 0 else "network.rank"
-            too_big.setdefault(setting, []).append((t.name, fan_in, fan_out, rank))
+            too_big.setdefault(setting, []).append((t.name, lay.limit_reason, lay.limit, rank))
     for setting, layers in too_big.items():
         rank = layers[0][3]
-        limit = min(min(i, o) for _, i, o, _ in layers)
-        named = "; ".join(f"{n} (in {i}, out {o})" for n, i, o, _ in layers[:MAX_LISTED])
+        limit = min(limit for _, _, limit, _ in layers)
+        named = "; ".join(f"{n} ({why})" for n, why, _, _ in layers[:MAX_LISTED])
         more = f"; and {len(layers) - MAX_LISTED} more" if len(layers) > MAX_LISTED else ""
-        problems.append(Problem(setting, f"{rank} is larger than {len(layers)} target layer(s) allow: {named}{more}",
-                                f"lower {setting} to {limit} or less, or choose targets without these layers"))
+        other = (f", turn on {setting_ref('network.lokr_full_matrix')}, or change {setting_ref('network.lokr_factor')}"
+                 if net.algorithm == "lokr" else "")
+        problems.append(Problem(setting, f"{rank} is larger than {len(layers)} target layer(s) allow for "
+                                f"{NAMES[net.algorithm]}: {named}{more}",
+                                f"lower {setting} to {limit} or less{other}, or choose targets without these layers"))
     return problems
 
 
@@ -369,7 +482,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 def output_bytes(host, cfg: TrainConfig) -> dict[str, int]:
     """Disk the run writes: the LoRA file(s) and the resume snapshots kept (adapters + optimizer state + EMA)."""
-    from .memory import adapter_param_count, optimizer_state_bytes, target_dims, target_rank
+    from .memory import optimizer_state_bytes, target_layout, target_rank
 
     net = cfg.network
     try:
@@ -379,8 +492,12 @@ def output_bytes(host, cfg: TrainConfig) -> dict[str, int]:
     n = 0
     for t in targets:
         rank = target_rank(t.module, net)
-        if 0 < rank <= min(target_dims(t.module)):
-            n += adapter_param_count(t.module, rank)
+        try:
+            lay = target_layout(t.module, rank, net)  # the algorithm's own tensors
+        except Exception:  # noqa: BLE001 - an invalid algorithm setting: already reported by check_settings
+            return {}
+        if rank > 0 and lay.fits():
+            n += lay.param_count()
     out_elem = {"fp32": 4}.get(cfg.output_dtype, 2)
     lora = n * out_elem + SAFETENSORS_OVERHEAD
     try:
@@ -471,14 +588,17 @@ def check_resume(host, cfg: TrainConfig, resume_dir, identity=None) -> list[Prob
 
 def preflight(host, cfg: TrainConfig, dataset_cfg: Optional[DatasetConfig], bucket_cfg: Optional[BucketConfig], *,
               latent_channels_from_vae: Optional[int], output_dir, cache_dir, resume_dir=None,
-              expected_output_bytes: Optional[int] = None, identity=None) -> list[Problem]:
+              expected_output_bytes: Optional[int] = None, identity=None, preview_every: int = 0) -> list[Problem]:
     """Every check, every problem (errors and warnings). Pass ``dataset_cfg=None`` when the latents are already
-    cached (the folder was checked when they were made), ``output_dir``/``cache_dir`` None to skip those."""
+    cached (the folder was checked when they were made), ``output_dir``/``cache_dir`` None to skip those;
+    ``preview_every`` is the preview cadence when the front-end renders previews (0: none)."""
     import torch
 
     device_type = torch.device(getattr(host, "device", "cpu")).type
     problems = check_settings(cfg, bucket_cfg, device_type)
+    problems += check_self_defeating(cfg, bucket_cfg, device_type, getattr(host, "family", None), preview_every)
     problems += check_model(host, cfg, latent_channels_from_vae)
+    problems += check_objective_for_model(cfg, getattr(getattr(host, "schedule", None), "prediction", None))
     dataset_problems, images = check_dataset(dataset_cfg)
     problems += dataset_problems
     problems += check_folders(host, cfg, bucket_cfg, output_dir, cache_dir, images, expected_output_bytes)

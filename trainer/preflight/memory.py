@@ -12,7 +12,11 @@ What is counted (bytes at the training peak, i.e. during the backward pass of th
   resident or are trained; the VAE when it stays resident (``resident_encoders``).
 * LoRA adapters, fp32: for every ``host.adapter_targets(...)`` module ``rank * (in + out)`` parameters (Linear),
   ``rank * in * kh * kw + out * rank`` (Conv2d; 3x3 convs use ``conv_rank`` when it is > 0, else ``rank``, as
-  trainer/adapters/network.py does). Gradients: the same again (fp32). EMA: the same again when ``ema_decay > 0``.
+  trainer/adapters/network.py does). Other algorithms count their own tensors (trainer/adapters/algorithms.py):
+  DoRA one magnitude per input channel more, LoHa twice LoRA's, LoKr its two Kronecker factors. Gradients: the
+  same again (fp32). EMA: the same again when ``ema_decay > 0``. What an algorithm keeps for backward beyond that
+  (DoRA: its input scaled per channel, next to LoRA's own input; it never builds the re-normalised weight, see
+  trainer/adapters/dora.py) is in the traced activations: the trace runs the real adapter modules and hooks.
 * optimizer state: ``trainer.training.optim.optimizer_state_bytes`` when it is importable, else :data:`OPTIMIZER_STATE`
   (AdamW two fp32 moments = 8 B/param; 8-bit AdamW two uint8 moments + one fp32 absmax per 256 values;
   Lion 8-bit one; Adafactor factored row/col second moment; SGD one fp32 momentum buffer, none without momentum).
@@ -94,7 +98,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
+from ..adapters.algorithms import NAMES as ALGORITHM_NAMES
 from ..errors import TrainingError
+from .naming import CONFIG_KEYS, Naming, setting_ref
 from .activation_trace import (  # noqa: F401 - re-exported: part of this module's API
     FALLBACK_CHECKPOINT_RATIO,
     OPTIMIZER_STATE,
@@ -103,6 +109,7 @@ from .activation_trace import (  # noqa: F401 - re-exported: part of this module
     _release_heap,
     adapter_param_count,
     adapter_shapes,
+    target_layout,
     module_bytes,
     optimizer_state_bytes,
     target_dims,
@@ -321,7 +328,8 @@ def _autocast_of(cfg, host) -> str:
 
 def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] = None, *,
                              resident_encoders: bool, attention: str = "sdpa",
-                             suggest: bool = True, batch_table: Sequence[int] = ()) -> "MemoryEstimate":
+                             suggest: bool = True, batch_table: Sequence[int] = (),
+                             naming: Optional[Naming] = None) -> "MemoryEstimate":
     """Estimate the peak memory of training ``cfg`` on ``host``'s loaded model at the largest of ``buckets``.
 
     ``buckets``: a :class:`~trainer.config.BucketConfig` (its buckets are generated), or the list of (width, height)
@@ -329,7 +337,8 @@ def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] 
     the text encoders and VAE stay in device memory during training (else the host offloads them; they are always
     counted when the text encoder is trained). ``attention``: "sdpa" / "flash" / "xformers" trace the host's own
     attention; "math" forces PyTorch's math SDPA kernel (keeps the tokens x tokens probabilities).
-    ``batch_table``: batch sizes to estimate as well (``MemoryEstimate.by_batch``), from the same trace."""
+    ``batch_table``: batch sizes to estimate as well (``MemoryEstimate.by_batch``), from the same trace.
+    ``naming``: the words the suggestions use for settings (``naming.py``; config keys by default)."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention = {attention!r}; choose one of: {', '.join(ATTENTION_KINDS)}")
     batch = int(batch_size if batch_size is not None else cfg.batch_size)
@@ -342,7 +351,7 @@ def estimate_training_memory(host, cfg, buckets=None, batch_size: Optional[int] 
     try:
         base = ctx.estimate(plan)
         if suggest:
-            base.suggestions = ctx.suggestions(plan, base)
+            base.suggestions = ctx.suggestions(plan, base, naming or CONFIG_KEYS)
         for b in sorted({int(b) for b in batch_table if int(b) >= 1}):
             est = base if b == plan.batch else ctx.estimate(replace(plan, batch=b))
             base.by_batch[b] = (est.total, est.verdict)
@@ -401,10 +410,11 @@ class _Context:
         targets = self.unet_targets + (self.te_targets if with_te else [])
         n, shapes = 0, []
         for t, r in zip(targets, self.ranks(targets, scale)):
-            if r > min(target_dims(t.module)):
+            lay = target_layout(t.module, r, self.cfg.network)  # the algorithm's own tensors (DoRA: + magnitudes)
+            if not lay.fits():
                 continue
-            n += adapter_param_count(t.module, r)
-            shapes += adapter_shapes(t.module, r)
+            n += lay.param_count()
+            shapes += list(lay.shapes.values())
         return n, shapes
 
     # -- activations --------------------------------------------------------------------------------------------
@@ -419,7 +429,7 @@ class _Context:
                 self._fits[key] = trace_denoiser(
                     self.host, self.unet_targets, self.ranks(self.unet_targets, 1.0),
                     mixed_precision=mixed_precision, dropout=self.cfg.network.dropout, attention=self.attention,
-                    checkpointing=checkpointing)
+                    checkpointing=checkpointing, network_cfg=self.cfg.network)
             except Exception as e:  # noqa: BLE001 - a host that cannot be traced gets the fallback formula
                 self._fits[key] = None
                 self.notes.append(f"activations from a rough formula: tracing the model failed ({type(e).__name__}:"
@@ -472,7 +482,7 @@ class _Context:
                 self._te_fit[key] = trace_text_encoders(
                     self.host, self.te_targets, self.ranks(self.te_targets, plan.rank_scale),
                     mixed_precision=plan.mixed_precision, dropout=self.cfg.network.dropout,
-                    clip_skip=self.cfg.clip_skip)
+                    clip_skip=self.cfg.clip_skip, network_cfg=self.cfg.network)
             except Exception:  # noqa: BLE001 - ~24 saved values per token and width per layer (CLIP-like)
                 per_sample = 0.0
                 for enc in self.host.text_encoders().values():
@@ -502,7 +512,7 @@ class _Context:
         if plan.resident_encoders and self.vae_bytes:
             breakdown["VAE"] = self.vae_bytes
         n_adapter, shapes = self.adapter_params(plan.rank_scale, plan.train_text_encoder)
-        breakdown["LoRA adapters (fp32)"] = 4 * n_adapter
+        breakdown[f"{ALGORITHM_NAMES.get(cfg.network.algorithm, 'LoRA')} adapters (fp32)"] = 4 * n_adapter
         breakdown["gradients (fp32)"] = 4 * n_adapter
         breakdown[f"optimizer state ({plan.optimizer})"] = optimizer_state_bytes(
             plan.optimizer, n_adapter, shapes, cfg.optimizer.momentum)
@@ -561,6 +571,7 @@ class _Context:
             "largest_bucket": f"{w}x{h}", "latent_pixels": int(plan.pixels), "batch_size": plan.batch,
             "rank": max(1, int(round(cfg.network.rank * plan.rank_scale))),
             "conv_rank": cfg.network.conv_rank, "targets": cfg.network.targets, "adapter_params": n_adapter,
+            "algorithm": cfg.network.algorithm,
             "adapter_targets": len(self.unet_targets) + (len(self.te_targets) if plan.train_text_encoder else 0),
             "optimizer": plan.optimizer, "mixed_precision": plan.mixed_precision,
             "gradient_checkpointing": plan.checkpointing, "weights": "fp8" if plan.fp8_weights else
@@ -574,37 +585,41 @@ class _Context:
             notes=list(self.notes), activation_model=act_info, framework=int(framework))
 
     # -- suggestions --------------------------------------------------------------------------------------------
-    def suggestions(self, plan: _Plan, base: MemoryEstimate) -> list[Suggestion]:
+    def suggestions(self, plan: _Plan, base: MemoryEstimate, naming: Naming) -> list[Suggestion]:
+        """What to change, each re-estimated, biggest saving first; each names its settings in ``naming``'s words
+        and is offered only where it can work (8-bit optimizers and fp8 weights need CUDA)."""
         cfg = self.cfg
+        ref = setting_ref
         variants: list[tuple[str, _Plan]] = []
         rank = cfg.network.rank
         if rank >= 2:
             new_rank = max(1, rank // 2)
-            conv = f" and network.conv_rank {cfg.network.conv_rank} -> {max(1, cfg.network.conv_rank // 2)}" \
+            conv = f" and {ref('network.conv_rank')} {cfg.network.conv_rank} -> {max(1, cfg.network.conv_rank // 2)}" \
                 if cfg.network.conv_rank > 1 else ""
-            variants.append((f"lower network.rank {rank} -> {new_rank}{conv}",
+            variants.append((f"lower {ref('network.rank')} {rank} -> {new_rank}{conv}",
                              replace(plan, rank_scale=new_rank / rank)))
         if plan.batch > 1:
             new_batch = plan.batch // 2
             accum = cfg.optimizer.grad_accumulation * (plan.batch // new_batch)
-            variants.append((f"lower batch_size {plan.batch} -> {new_batch} (set optimizer.grad_accumulation to "
-                             f"{accum} to keep the effective batch)", replace(plan, batch=new_batch)))
+            variants.append((f"lower {ref('batch_size')} {plan.batch} -> {new_batch} (set "
+                             f"{ref('optimizer.grad_accumulation')} to {accum} to keep the effective batch)",
+                             replace(plan, batch=new_batch)))
         w, h = plan.bucket
         res = int(round(math.sqrt(w * h) / 64)) * 64
         new_res = int(res * 0.75) // 64 * 64
         if new_res >= 256:
             scale = new_res / res
             nw, nh = max(8, int(round(w * scale / 8)) * 8), max(8, int(round(h * scale / 8)) * 8)
-            variants.append((f"lower the training resolution (buckets.resolutions) {res} -> {new_res}",
+            variants.append((f"lower the training resolution ({ref('buckets.resolutions')}) {res} -> {new_res}",
                              replace(plan, bucket=(nw, nh), pixels=(nw / 8) * (nh / 8))))
         if not plan.checkpointing:
-            variants.append(("turn on gradient_checkpointing (about 20-40 % slower steps)",
+            variants.append((f"turn on {ref('gradient_checkpointing')} (about 20-40 % slower steps)",
                              replace(plan, checkpointing=True)))
-        if plan.optimizer in ("adamw",):
-            variants.append(("use an 8-bit optimizer: optimizer.name adamw8bit (needs bitsandbytes)",
+        if plan.optimizer in ("adamw",) and self.is_cuda:  # bitsandbytes' 8-bit optimizers are made for CUDA
+            variants.append((f"use an 8-bit optimizer: {ref('optimizer.name')} adamw8bit (needs bitsandbytes)",
                              replace(plan, optimizer="adamw8bit")))
         if plan.mixed_precision == "no" and self.weight_elem >= 4:
-            variants.append(("set mixed_precision to bf16", replace(plan, mixed_precision="bf16")))
+            variants.append((f"set {ref('mixed_precision')} to bf16", replace(plan, mixed_precision="bf16")))
         if self.is_cuda and self.weight_elem >= 2 and not plan.fp8_weights:
             variants.append(("load the model with fp8 weights: ComfyUI's Load Diffusion Model node, weight_dtype "
                              "fp8_e4m3fn (the model is already loaded, so this is a loader option; slower steps)",
@@ -613,7 +628,7 @@ class _Context:
             variants.append(("let the text encoders and VAE leave device memory during training (cache the text "
                              "embeddings first)", replace(plan, resident_encoders=False)))
         if plan.train_text_encoder:
-            variants.append(("turn off network.train_text_encoder", replace(plan, train_text_encoder=False)))
+            variants.append((f"turn off {ref('network.train_text_encoder')}", replace(plan, train_text_encoder=False)))
         out, plans = [], {}
         for change, variant in variants:
             try:
@@ -622,6 +637,7 @@ class _Context:
                 continue
             saves = base.total - est.total
             if saves >= 1 * MIB:
+                change = naming.text(change)
                 out.append(Suggestion(change, int(saves), est.total, est.verdict))
                 plans[change] = variant
         out.sort(key=lambda s: -s.saves)
@@ -644,9 +660,10 @@ class _Context:
 
 
 # ===================================================================================== refusal and OOM report
-def check_fits(estimate: MemoryEstimate, override: bool = False) -> Optional[str]:
+def check_fits(estimate: MemoryEstimate, override: bool = False, naming: Naming = CONFIG_KEYS) -> Optional[str]:
     """Raise :class:`TrainingError` when the estimate does not fit (estimate + SAFETY_MARGIN > available), unless
-    ``override``. Returns a warning line for "tight" or overridden estimates, else None."""
+    ``override``. Returns a warning line for "tight" or overridden estimates, else None. ``naming``: the words for
+    the override setting (``naming.py``)."""
     if estimate.verdict != "does not fit":
         if estimate.verdict == "tight":
             return (f"memory is tight: {estimate.summary()}; close other programs or lower the settings if it runs "
@@ -661,11 +678,11 @@ def check_fits(estimate: MemoryEstimate, override: bool = False) -> Optional[str
         tip_text = " Lower the resolution, batch size or rank."
     if override:
         return (f"memory estimate says this will not fit ({estimate.summary()}); starting anyway because "
-                "allow_over_memory is on")
+                f"{naming('allow_over_memory')} is on")
     raise TrainingError(
         f"Not enough memory to train: the estimate is {fmt_bytes(estimate.total)} on {estimate.device} "
         f"(+{int(SAFETY_MARGIN * 100)} % safety) but only {fmt_bytes(estimate.available)} is available. Largest "
-        f"parts: {parts}.{tip_text} To start anyway, turn on allow_over_memory (the estimate can be "
+        f"parts: {parts}.{tip_text} To start anyway, turn on {naming('allow_over_memory')} (the estimate can be "
         "pessimistic; the run may then stop with out-of-memory, leaving a resumable state).")
 
 

@@ -81,10 +81,15 @@ def settings_digest(cfg) -> str:
 
 
 def data_digest(samples, dataset_cfg) -> str:
-    """The cached latents themselves (they cover the images, buckets, crops and the VAE), captions and repeats."""
+    """The cached latents themselves (they cover the images, buckets, crops and the VAE), captions and repeats, and
+    where a sample has them (combined datasets) its own caption options and loss weight."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(dataset_cfg), sort_keys=True).encode())
     for s in samples:
         digest.update(f"{s.content_hash}|{s.bucket}|{s.crop_top_left}|{s.caption}|{s.repeats}|{s.resolution}".encode())
+        options, weight = getattr(s, "caption_options", None), float(getattr(s, "loss_weight", 1.0))
+        if options is not None or weight != 1.0:  # absent for a single dataset: its runs keep their keys
+            own = dataclasses.asdict(options) if options is not None else None
+            digest.update(json.dumps({"caption_options": own, "loss_weight": weight}, sort_keys=True).encode())
         digest.update(s.latent.float().numpy().tobytes())
         if s.latent_flipped is not None:
             digest.update(s.latent_flipped.float().numpy().tobytes())

@@ -1,9 +1,12 @@
 """The training loop. Reads top to bottom: build the parts, (resume), then one optimizer step per iteration.
 
-Every random draw comes from generators whose state is saved in each snapshot, so an interrupted-and-resumed run
-repeats the uninterrupted one exactly on the CPU; previews run with the global RNG forked, because ComfyUI's sampler
-reseeds it. The input model is never changed: adapters attach as forward hooks inside ``network.attached()`` and
-are removed in ``finally``, whatever happens. The precision rule is in ``precision.py``.
+Every random draw is keyed by where it happens in the run: each sample's flip, caption variation, timestep and noise
+come from generators seeded by its place in the batch order (``data/batching.py`` ``Draw``), and adapter dropout
+from the global RNG reseeded per micro-batch the same way. A snapshot therefore only needs the batch position, an
+interrupted-and-resumed run repeats the uninterrupted one exactly on the CPU, and several processes sharing a batch
+(``distributed.py``) draw what one process with the whole batch would. The input model is never changed: adapters
+attach as forward hooks inside ``network.attached()`` and are removed in ``finally``, whatever happens. The
+precision rule is in ``precision.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -23,12 +26,13 @@ from ..data.captions import build_caption
 from ..data.text import TextEmbeddings
 from ..errors import TrainingError, TrainingInterrupted
 from ..hosts.base import Conditioning
-from . import objectives
+from . import distributed, objectives
 from .ema import AdapterEMA
 from .identity import RunIdentity
 from .optim import build_lr_scheduler, build_optimizer, clip_grad_norm, sync_lr
 from .precision import Precision, resolve_precision
-from .state import RngState, check_resumable, latest_snapshot, load_snapshot, save_snapshot
+from .schedules import resolve_timestep_sampling
+from .state import check_resumable, latest_snapshot, load_snapshot, save_snapshot, snapshot_dir
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Hooks:
     preview: Optional[Callable[[int, LoRANetwork], Optional[str]]] = None  # returns a preview file or None
     preview_every: int = 0
     oom_report: Optional[Callable[[int], str]] = None  # (step) -> estimate vs what happened, for the OOM message
+    on_metrics: Optional[Callable[[int, dict], None]] = None  # (step, {loss, lr, grad_norm}) after each step
 
 
 @dataclass
@@ -61,11 +66,22 @@ class TrainingParts:
     scheduler: Any
     ema: Optional[AdapterEMA]
     scaler: Optional[torch.amp.GradScaler]
-    sampler: BatchSampler
-    generator: torch.Generator  # timesteps, noise, flips
-    caption_rng: random.Random  # caption shuffle / dropout
+    sampler: BatchSampler  # global batches (batch_size x processes); its position is all the randomness state
     text: TextEmbeddings
     precision: Precision
+    grad_norm: float = 0.0  # of the last optimizer step, before clipping (for logging)
+
+
+@dataclass
+class SampleRng:
+    """One sample's own random streams at one place in the run (see the module docstring)."""
+
+    torch: torch.Generator  # flip, timestep, noise
+    captions: random.Random  # caption dropout, tag shuffle
+
+    @classmethod
+    def keyed(cls, seed: int) -> "SampleRng":
+        return cls(torch.Generator().manual_seed(seed), random.Random(seed))
 
 
 class NonFiniteLoss(Exception):
@@ -83,14 +99,14 @@ def build_parts(host, latents, cfg: TrainConfig, precision: Precision, text_cach
 
         network.load_kohya_state_dict(load_lora(net_cfg.init_from)[0])
     te_lr = opt_cfg.text_encoder_lr if opt_cfg.text_encoder_lr is not None else opt_cfg.learning_rate
-    optimizer = build_optimizer(network.param_groups(opt_cfg.learning_rate, te_lr), opt_cfg, host.device)
-    torch.manual_seed(cfg.seed)  # adapter dropout draws from the global RNG (saved and restored on resume)
+    groups = network.param_groups(opt_cfg.learning_rate, te_lr, loraplus_ratio=opt_cfg.loraplus_lr_ratio)
+    optimizer = build_optimizer(groups, opt_cfg, host.device)
+    distributed.broadcast_parameters(network.parameters())  # every process starts from rank 0's adapters
     return TrainingParts(
         network=network, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, opt_cfg, cfg.steps),
         ema=AdapterEMA(network.parameters(), cfg.ema_decay) if cfg.ema_decay > 0 else None,
         scaler=precision.new_grad_scaler(host.device),
-        sampler=BatchSampler(latents.samples, cfg.batch_size, cfg.seed),
-        generator=torch.Generator().manual_seed(cfg.seed), caption_rng=random.Random(cfg.seed),
+        sampler=BatchSampler(latents.samples, distributed.global_batch_size(cfg.batch_size), cfg.seed),
         text=TextEmbeddings(host, cfg.clip_skip, text_cache_dir, trainable=net_cfg.train_text_encoder),
         precision=precision,
     )
@@ -99,23 +115,34 @@ def build_parts(host, latents, cfg: TrainConfig, precision: Precision, text_cach
 def train_step(host, parts: TrainingParts, samples, cfg: TrainConfig, dataset_cfg: DatasetConfig) -> tuple[float, float]:
     """One optimizer step over ``grad_accumulation`` micro-batches; returns (mean loss, learning rate used).
 
-    Raises :class:`NonFiniteLoss` before any weight changes when a micro-batch's loss is NaN or infinite."""
+    Each micro-batch is one global batch; this process trains its share of it (all of it on one process) and weighs
+    its loss by that share, so the summed gradients are those of the mean over the whole batch.
+    Raises :class:`NonFiniteLoss` before any weight changes when the step's loss is NaN or infinite."""
     accumulation = cfg.optimizer.grad_accumulation
     step_loss = 0.0
     for _ in range(accumulation):
-        batch = [samples[i] for i in parts.sampler.next_batch()]
-        x0, cond = collate(host, batch, parts.text, dataset_cfg, parts.caption_rng, parts.generator, host.device)
+        draws = parts.sampler.next_draws()
+        mine = distributed.share(draws, cfg.batch_size)
+        if not mine:
+            continue  # a short bucket batch left nothing for this process
+        rngs = [SampleRng.keyed(d.seed) for d in mine]
+        torch.manual_seed(mine[0].seed)  # adapter dropout: keyed by this micro-batch's first place
+        batch = [samples[d.index] for d in mine]
+        x0, cond = collate(host, batch, parts.text, dataset_cfg, rngs, host.device)
+        timesteps, noise = draw_noise(host.schedule, x0, rngs, cfg.objective)
         with parts.precision.autocast_context(host.device):
-            loss = compute_loss(host, x0, cond, cfg, parts.generator)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(value)
-        scaled = loss / accumulation
-        (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
-        step_loss += value / accumulation
+            loss = compute_loss(host, x0, cond, cfg, None, timesteps=timesteps, noise=noise,
+                                sample_weights=per_sample_weights(batch))
+        share = len(mine) / (len(draws) * accumulation)
+        weighted = loss * share
+        (parts.scaler.scale(weighted) if parts.scaler is not None else weighted).backward()
+        step_loss += float(loss.detach()) * share
+    step_loss = distributed.reduce_step(parts.network.parameters(), step_loss)  # one process: unchanged
+    if not math.isfinite(step_loss):
+        raise NonFiniteLoss(step_loss)
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the scaled ones
-    clip_grad_norm(parts.network.parameters(), cfg.optimizer.max_grad_norm)
+    parts.grad_norm = clip_grad_norm(parts.network.parameters(), cfg.optimizer.max_grad_norm)
     if parts.scaler is not None:
         parts.scaler.step(parts.optimizer)  # skipped (and the scale lowered) when a gradient overflowed
         parts.scaler.update()
@@ -129,13 +156,13 @@ def train_step(host, parts: TrainingParts, samples, cfg: TrainConfig, dataset_cf
     return step_loss, lr
 
 
-def save_state(parts: TrainingParts, run_dir: Path, step: int, losses: list[float], rng: RngState, meta: dict,
+def save_state(parts: TrainingParts, run_dir: Path, step: int, losses: list[float], sampler_state: dict, meta: dict,
                keep_last: int) -> Path:
+    """``sampler_state``: the batch position ``step`` started from (a failed or stopped step's draws are redone)."""
     training = {
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-        "sampler": parts.sampler.state_dict(), "ema": parts.ema.state_dict() if parts.ema is not None else None,
-        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-        "rng": rng.to_dict(), "losses": losses[:step],
+        "sampler": sampler_state, "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None, "losses": losses[:step],
     }
     return save_snapshot(run_dir, step, parts.network.kohya_state_dict(torch.float32), training, meta, keep_last)
 
@@ -155,7 +182,11 @@ def restore_state(parts: TrainingParts, snapshot: Path, identity: RunIdentity) -
         parts.ema.load_state_dict(training["ema"])
     if parts.scaler is not None and training.get("scaler") is not None:
         parts.scaler.load_state_dict(training["scaler"])
-    RngState(**training["rng"]).restore(parts.generator, parts.caption_rng)
+    distributed.broadcast_parameters(parts.network.parameters())
+    saved_processes = int(saved_meta.get("processes", 1))
+    if saved_processes != distributed.world_size():
+        notes.append(f"resumed on {distributed.world_size()} process(es); the state was saved on {saved_processes} "
+                     f"(same global batch of {parts.sampler.batch_size})")
     step = int(saved_meta["step"])
     return step, list(training.get("losses", []))[:step], notes
 
@@ -173,13 +204,14 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
            identity: Optional[RunIdentity] = None) -> TrainResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_timestep_sampling(cfg, host.schedule)
     dataset_cfg = dataset_cfg or DatasetConfig()
     hooks = hooks or Hooks()
     if not latents.samples:
         raise TrainingError("no cached latents to train on: the dataset has no usable image")
     precision = precision or resolve_precision(cfg.mixed_precision, host.dtype, host.device)
     identity = identity or RunIdentity.of(host, cfg, latents.samples, dataset_cfg)
-    meta = {"identity": identity.to_dict(), "family": host.family}
+    meta = {"identity": identity.to_dict(), "family": host.family, "processes": distributed.world_size()}
 
     parts = build_parts(host, latents, cfg, precision, text_cache_dir)
     step, losses, notes = 0, [], []
@@ -194,8 +226,10 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
         if reporter is not None:
             reporter.resume(step, losses)  # the live EMA continues the curve drawn from disk
 
-    def snapshot(at_step: int, rng: RngState) -> Path:
-        path = save_state(parts, run_dir, at_step, losses, rng, meta, cfg.keep_last)
+    def snapshot(at_step: int, sampler_state: dict) -> Path:
+        if not distributed.is_main():
+            return snapshot_dir(run_dir, at_step)  # one writer: rank 0, which holds the same state, writes it
+        path = save_state(parts, run_dir, at_step, losses, sampler_state, meta, cfg.keep_last)
         if runlog is not None:
             runlog.mark(at_step, "save", str(path.relative_to(run_dir)))
         if hooks.on_save:
@@ -209,58 +243,66 @@ def _train(host, latents, cfg: TrainConfig, run_dir: str | Path, *, dataset_cfg:
 
     # --- text conditioning is encoded once, up front (cached on disk by caption text) ----------------------
     report("encoding", message="encoding captions")
-    parts.text.prefetch([s.caption for s in latents.samples] + ([""] if dataset_cfg.caption_dropout > 0 else []))
+    with distributed.one_writer_first():  # rank 0 fills the text cache, the others then read it
+        parts.text.prefetch([s.caption for s in latents.samples] + ([""] if dataset_cfg.caption_dropout > 0 else []))
 
     # --- the loop -------------------------------------------------------------------------------------------
-    rng_at_step_start = RngState.capture(parts.generator, parts.caption_rng)
+    at_step_start = parts.sampler.state_dict()
     with contextlib.ExitStack() as stack:
         keep_te = text_encoder_stays_loaded(cfg, dataset_cfg)
         stack.enter_context(host.training_session(keep_te, cfg.network.train_text_encoder))
         stack.enter_context(parts.network.attached())
         stack.enter_context(host.gradient_checkpointing(cfg.gradient_checkpointing))
+        stack.enter_context(distributed.stop_after_step())
         parts.network.train()
         try:
             while step < cfg.steps:
                 host.check_interrupt()
+                if distributed.stop_agreed():  # a launcher's SIGINT/SIGTERM: every process stops here
+                    raise TrainingInterrupted()
                 try:
                     step_loss, lr = train_step(host, parts, latents.samples, cfg, dataset_cfg)
                 except NonFiniteLoss as e:
                     # Keep the last good state (the one this step started from) and name the step.
-                    path = snapshot(step, rng_at_step_start)
+                    path = snapshot(step, at_step_start)
                     raise TrainingError(
                         f"loss became {e.value} at step {step + 1}; training stopped. The state before that step is "
                         f"saved in '{path}'. Lower the learning rate, use bf16 instead of fp16, or check the "
                         "dataset for broken images") from None
                 step += 1
-                rng_at_step_start = RngState.capture(parts.generator, parts.caption_rng)  # what step+1 starts from
+                at_step_start = parts.sampler.state_dict()  # what step+1 starts from
                 losses.append(step_loss)
                 if runlog is not None:
                     runlog.log(step, step_loss, lr)
                 if hooks.on_step:
                     hooks.on_step(step, step_loss, lr)
+                if hooks.on_metrics:
+                    hooks.on_metrics(step, {"loss": step_loss, "lr": lr, "grad_norm": parts.grad_norm})
                 report("training", loss=step_loss, lr=lr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     report("saving", loss=step_loss)
-                    snapshot(step, rng_at_step_start)
+                    snapshot(step, at_step_start)
                 if hooks.preview and hooks.preview_every and step % hooks.preview_every == 0:
                     report("preview", loss=step_loss)
                     _run_preview(hooks, step, parts.network, runlog, reporter, host.device)
         except (TrainingInterrupted, KeyboardInterrupt):
-            # Mid-step work is discarded: the adapters are still those of `step`, and so are the saved RNG states.
-            snapshot(step, rng_at_step_start)
+            # Mid-step work is discarded: the adapters are still those of `step`, and so is the saved batch position.
+            snapshot(step, at_step_start)
             report("stopped", message=f"stopped at step {step}; resumable state saved")
             raise
         except torch.OutOfMemoryError as e:
             parts.optimizer.zero_grad(set_to_none=True)  # free what the failed step held before writing the state
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            path = snapshot(step, rng_at_step_start)
+            path = snapshot(step, at_step_start)
             report("error", message="out of memory")
             advice = (hooks.oom_report(step + 1) if hooks.oom_report else "Lower the batch size, resolution or rank, "
                       "turn on gradient checkpointing, or use an 8-bit optimizer.")
-            raise TrainingError(f"out of memory at step {step + 1}. A resumable state is saved in '{path}'. "
-                                f"{advice}") from e
-    snapshot(step, rng_at_step_start)
+            saved = (f"A resumable state is saved in '{path}'" if distributed.is_main() else
+                     f"Process {distributed.rank()} ran out of memory; the last periodic snapshot in '{path.parent}' "
+                     "is what can be resumed")
+            raise TrainingError(f"out of memory at step {step + 1}. {saved}. {advice}") from e
+    snapshot(step, at_step_start)
     report("done", loss=losses[-1] if losses else None)
     return TrainResult(network=parts.network, step=step, losses=losses, run_dir=run_dir, ema=parts.ema, notes=notes)
 
@@ -271,33 +313,55 @@ def text_encoder_stays_loaded(cfg: TrainConfig, dataset_cfg: DatasetConfig) -> b
     return bool(cfg.network.train_text_encoder or dataset_cfg.shuffle_captions or dataset_cfg.caption_dropout > 0)
 
 
-def collate(host, batch, text, dataset_cfg, caption_rng, generator, device) -> tuple[torch.Tensor, Conditioning]:
-    """Stack one bucket's samples, pick flips, build captions, and look up each sample's own conditioning."""
-    flips = torch.rand(len(batch), generator=generator) < 0.5
+def collate(host, batch, text, dataset_cfg, rngs: Sequence[SampleRng], device) -> tuple[torch.Tensor, Conditioning]:
+    """Stack one bucket's samples, pick flips, build captions, and look up each sample's own conditioning; each
+    sample draws from its own ``rngs`` entry."""
     latents, size_ids = [], []
-    for sample, flip in zip(batch, flips.tolist()):
+    for sample, rng in zip(batch, rngs):
+        flip = bool(torch.rand(1, generator=rng.torch) < 0.5)  # drawn even without a flipped latent: same streams
         use_flip = flip and sample.latent_flipped is not None
         latents.append(sample.latent_flipped if use_flip else sample.latent)
         size_ids.append(sample.size_ids(flipped=use_flip))
     x0 = host.scale_latents(torch.stack(latents).to(device, torch.float32))
-    captions = [build_caption(sample.caption, dataset_cfg, caption_rng) for sample in batch]
+    captions = [build_caption(sample.caption, getattr(sample, "caption_options", None) or dataset_cfg, rng.captions)
+                for sample, rng in zip(batch, rngs)]  # a combined dataset's parts keep their own caption options
     context, pooled = text(captions)
     size = torch.tensor(size_ids, dtype=torch.float32, device=device) if host.family == "sdxl" else None
-    return x0, Conditioning(context.to(device), pooled.to(device) if pooled is not None else None, size)
+    samples = text.items(captions) if getattr(host, "per_sample_conditioning", False) else None
+    return x0, Conditioning(context.to(device), pooled.to(device) if pooled is not None else None, size,
+                            samples).to(device)
 
 
-def compute_loss(host, x0: torch.Tensor, cond: Conditioning, cfg: TrainConfig, generator: torch.Generator,
-                 timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+def per_sample_weights(batch) -> Optional[torch.Tensor]:
+    """Each sample's own loss weight (``loss_weight``: regularisation images train at kohya's prior_loss_weight), or
+    None when every weight is 1 (the loss is then exactly the unweighted one)."""
+    weights = [float(getattr(sample, "loss_weight", 1.0)) for sample in batch]
+    return torch.tensor(weights, dtype=torch.float32) if any(w != 1.0 for w in weights) else None
+
+
+def draw_noise(schedule, x0: torch.Tensor, rngs: Sequence[SampleRng], obj) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's timestep and noise from its own generator (after its flip), batched."""
+    timesteps = torch.cat([schedule.sample_timesteps(1, rng.torch, obj, latent_shape=x0.shape[1:])
+                           for rng in rngs]).to(x0.device)
+    noise = torch.cat([objectives.sample_noise(x0[i:i + 1], rng.torch, obj) for i, rng in enumerate(rngs)])
+    return timesteps, noise
+
+
+def compute_loss(host, x0: torch.Tensor, cond: Conditioning, cfg: TrainConfig, generator: Optional[torch.Generator],
+                 timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Loss in the model's own parameterization (eps / v / flow velocity), with the configured weighting."""
     schedule, obj = host.schedule, cfg.objective
     if timesteps is None:
-        timesteps = schedule.sample_timesteps(x0.shape[0], generator, obj).to(x0.device)
+        timesteps = schedule.sample_timesteps(x0.shape[0], generator, obj, latent_shape=x0.shape[1:]).to(x0.device)
     if noise is None:
         noise = objectives.sample_noise(x0, generator, obj)
     noisy = schedule.add_noise(x0, noise, timesteps)
     prediction = host.predict(noisy.to(host.dtype), timesteps, cond.to(dtype=host.dtype)).float()
     target = schedule.target(x0, noise, timesteps)
     weights = objectives.loss_weights(schedule, timesteps, obj)
+    if sample_weights is not None:  # e.g. regularisation images at prior_loss_weight
+        weights = weights * sample_weights.to(weights)
     return objectives.loss(prediction, target, weights, obj)
 
 

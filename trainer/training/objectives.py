@@ -68,9 +68,15 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction: str) -> torch.T
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
+def min_snr_applies(cfg: ObjectiveConfig, prediction: str) -> bool:
+    """Min-SNR-gamma is defined for eps / v; flow models are trained unweighted, their noise levels shaped by the
+    timestep sampling (SD3, Flux and every reference flow trainer), so gamma is not applied to them."""
+    return cfg.min_snr_gamma > 0 and prediction in ("eps", "v")
+
+
 def loss_weights(schedule: "NoiseSchedule", t: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
-    """Per-sample loss weights, float32 ``(B,)`` on ``t``'s device: min-SNR-gamma, or ones when gamma is 0."""
-    if cfg.min_snr_gamma <= 0:
+    """Per-sample loss weights, float32 ``(B,)`` on ``t``'s device: min-SNR-gamma (eps / v), else ones."""
+    if not min_snr_applies(cfg, schedule.prediction):
         return torch.ones(t.shape[0], dtype=torch.float32, device=t.device)
     return min_snr_weights(schedule.snr(t), cfg.min_snr_gamma, schedule.prediction)
 

@@ -27,6 +27,9 @@ def build_optimizer(param_groups: list[dict], cfg: OptimizerConfig, device) -> t
     name = check_choice("optimizer.name", cfg.name, OPTIMIZERS)
     if cfg.learning_rate <= 0:
         raise ConfigError(f"optimizer.learning_rate = {cfg.learning_rate} must be > 0 (1e-4 suits AdamW LoRA)")
+    if not (isinstance(cfg.loraplus_lr_ratio, (int, float)) and 0 <= cfg.loraplus_lr_ratio < math.inf):
+        raise ConfigError(f"optimizer.loraplus_lr_ratio = {cfg.loraplus_lr_ratio!r} must be >= 0 (0 = off, 16 is "
+                          "the usual LoRA+ value)")
     groups = [{**group, "params": list(group["params"])} for group in param_groups]
     for group in groups:
         group.setdefault("lr", cfg.learning_rate)

@@ -13,7 +13,8 @@ draws) and returned on the CPU; ``add_noise``/``target``/``snr`` accept them on 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -39,15 +40,32 @@ def time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+# Flux's resolution-dependent shift (the reference trainers' "flux_shift"): mu grows linearly with the image's token
+# count, 0.5 at 256 tokens (256 px) to 1.15 at 4096 tokens (1024 px), and the SD3-style shift is exp(mu).
+FLUX_SHIFT_TOKENS = (256, 4096)
+FLUX_SHIFT_MU = (0.5, 1.15)
+
+
+def flux_shift(latent_shape: Sequence[int], patch: int = 2) -> float:
+    """The SD3-style shift for an image latent of this shape (last two dims: height, width), 2x2 patches."""
+    tokens = (int(latent_shape[-2]) // patch) * (int(latent_shape[-1]) // patch)
+    (t0, t1), (m0, m1) = FLUX_SHIFT_TOKENS, FLUX_SHIFT_MU
+    return math.exp(m0 + (m1 - m0) * (tokens - t0) / (t1 - t0))
+
+
 def sample_unit_interval(batch_size: int, generator: Optional[torch.Generator], cfg: ObjectiveConfig,
-                         default_shift: float = 1.0) -> torch.Tensor:
-    """Draw noise levels in [0, 1] (float32, CPU) according to ``cfg.timestep_sampling``.
+                         default_shift: float = 1.0, latent_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Draw noise levels in [0, 1] (float32, CPU) according to ``cfg.timestep_sampling`` (``auto`` must have been
+    resolved by :func:`resolve_timestep_sampling`).
 
     ``uniform``: U(0, 1). ``logit_normal``: sigmoid(N(logit_mean, logit_std)), SD3's choice, concentrating on
     mid noise levels. ``shifted``: the logit-normal draw passed through :func:`time_shift` with ``cfg.flow_shift``
     (kohya/musubi's "shift" sampling); ``flow_shift <= 0`` means the schedule's own shift (``default_shift``).
+    ``flux_shift``: the logit-normal draw shifted by :func:`flux_shift` of ``latent_shape``.
     """
     kind = check_choice("objective.timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
+    if kind == "auto":
+        raise ValueError("timestep_sampling 'auto' reached the sampler: resolve it first (resolve_timestep_sampling)")
     if kind == "uniform":
         return torch.rand(batch_size, generator=generator)
     if cfg.logit_std <= 0:
@@ -57,6 +75,10 @@ def sample_unit_interval(batch_size: int, generator: Optional[torch.Generator], 
     if kind == "shifted":
         shift = cfg.flow_shift if cfg.flow_shift > 0 else default_shift
         sigma = time_shift(sigma, shift)
+    elif kind == "flux_shift":
+        if latent_shape is None:
+            raise ValueError("flux_shift timestep sampling needs the latent's shape")
+        sigma = time_shift(sigma, flux_shift(latent_shape))
     return sigma
 
 
@@ -75,8 +97,11 @@ class NoiseSchedule:
     prediction: str
     timestep_unit: str
 
+    auto_sampling = "uniform"  # what timestep_sampling "auto" means on this schedule
+
     def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator],
-                         cfg: ObjectiveConfig) -> torch.Tensor:
+                         cfg: ObjectiveConfig, latent_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``batch_size`` timesteps; ``latent_shape`` (of one sample) is needed by resolution-dependent samplings."""
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -138,11 +163,15 @@ class DiscreteSchedule(NoiseSchedule):
         sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
         return cls(1.0 / (1.0 + sigmas ** 2), prediction)
 
-    def sample_timesteps(self, batch_size, generator, cfg):
+    def sample_timesteps(self, batch_size, generator, cfg, latent_shape=None):
         """Integer indices (long, CPU). ``uniform`` draws integers directly; ``logit_normal``/``shifted`` draw a
         level in (0, 1) as for flow models and map it to ``floor(level * N)``, so shift > 1 favours noisier
         (higher) indices exactly as it favours higher sigmas in a flow schedule."""
         n = self.num_timesteps
+        cfg = _resolved_objective(cfg, self)
+        if cfg.timestep_sampling == "flux_shift":
+            raise ConfigError("objective.timestep_sampling = 'flux_shift' is for flow models (Flux, Chroma, "
+                              "Qwen-Image); this model trains on a discrete schedule: use auto or uniform")
         if cfg.timestep_sampling == "uniform":
             return torch.randint(0, n, (batch_size,), generator=generator)
         level = sample_unit_interval(batch_size, generator, cfg)
@@ -202,13 +231,16 @@ class FlowSchedule(NoiseSchedule):
     prediction = "flow"
     timestep_unit = "sigma"
 
-    def __init__(self, shift: float = 1.0):
+    def __init__(self, shift: float = 1.0, auto_sampling: str = "shifted"):
         if shift <= 0:
             raise ValueError(f"flow shift must be > 0, got {shift}")
         self.shift = float(shift)
+        self.auto_sampling = check_choice("auto timestep sampling", auto_sampling,
+                                          [c for c in TIMESTEP_SAMPLINGS if c != "auto"])
 
-    def sample_timesteps(self, batch_size, generator, cfg):
-        sigma = sample_unit_interval(batch_size, generator, cfg, default_shift=self.shift)
+    def sample_timesteps(self, batch_size, generator, cfg, latent_shape=None):
+        cfg = _resolved_objective(cfg, self)
+        sigma = sample_unit_interval(batch_size, generator, cfg, default_shift=self.shift, latent_shape=latent_shape)
         return sigma.clamp_(SIGMA_MARGIN, 1 - SIGMA_MARGIN)
 
     def add_noise(self, x0, noise, t):
@@ -226,16 +258,40 @@ class FlowSchedule(NoiseSchedule):
         return ((1 - sigma) / sigma) ** 2
 
     def describe(self) -> str:
-        return f"prediction: flow (rectified flow, shift {self.shift:g})"
+        return f"prediction: flow (rectified flow, sampling shift {self.shift:.3g})"
 
     def identity(self) -> str:
         return self.describe()
 
 
+def resolve_timestep_sampling(cfg, schedule: NoiseSchedule):
+    """``cfg`` (a TrainConfig) with timestep_sampling ``auto`` replaced by what it means on ``schedule`` (the
+    family's recipe; ``shifted`` then uses the model's own shift). Other values come back unchanged. Resolved
+    before the run identity is computed, so "auto" and the value it stands for are the same run."""
+    import dataclasses
+
+    if cfg.objective.timestep_sampling != "auto":
+        return cfg
+    return dataclasses.replace(cfg, objective=_resolved_objective(cfg.objective, schedule))
+
+
+def _resolved_objective(obj: ObjectiveConfig, schedule: NoiseSchedule) -> ObjectiveConfig:
+    import dataclasses
+
+    if obj.timestep_sampling != "auto":
+        return obj
+    kind = schedule.auto_sampling
+    return dataclasses.replace(obj, timestep_sampling=kind, flow_shift=0.0 if kind == "shifted" else obj.flow_shift)
+
+
 def describe_timesteps(cfg: ObjectiveConfig) -> str:
     """One line for logs and metadata."""
-    if cfg.timestep_sampling == "uniform":
-        return "uniform"
+    if cfg.timestep_sampling in ("uniform", "auto"):
+        return cfg.timestep_sampling
+    if cfg.timestep_sampling == "flux_shift":
+        return (f"logit_normal(mean={cfg.logit_mean:g}, std={cfg.logit_std:g}) shifted by the image's token count "
+                f"(Flux: mu {FLUX_SHIFT_MU[0]:g} at {FLUX_SHIFT_TOKENS[0]} to {FLUX_SHIFT_MU[1]:g} at "
+                f"{FLUX_SHIFT_TOKENS[1]} tokens)")
     text = f"logit_normal(mean={cfg.logit_mean:g}, std={cfg.logit_std:g})"
     if cfg.timestep_sampling == "shifted":
         text += f" shifted by {cfg.flow_shift:g}" if cfg.flow_shift > 0 else " shifted by the model's shift"

@@ -6,15 +6,17 @@
 
 A snapshot folder is written under a temporary name and renamed when complete, so a crash or Stop mid-save
 never leaves a half snapshot that resume would pick up. Only the newest `keep_last` snapshots are kept.
+
+A snapshot holds no random-generator state: every random draw is keyed by its place in the batch order
+(``data/batching.py``), so the batch sampler's position is all a resume needs to draw the same numbers again.
+Snapshots written before that (with an ``rng`` entry) still load; the entry is ignored.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,38 +26,6 @@ from ..errors import TrainingError
 
 STATE_DIR = "state"
 SNAPSHOT_PREFIX = "step_"
-
-
-@dataclass
-class RngState:
-    """Every random stream the loop draws from: restoring all of them is what makes resume exact."""
-
-    generator: torch.Tensor  # the loop's CPU generator (timesteps, noise, flips)
-    captions: Any  # python random.Random state (caption shuffle / dropout)
-    torch_cpu: torch.Tensor  # global CPU RNG (adapter dropout on the CPU)
-    torch_cuda: Optional[list] = None  # global CUDA RNGs (adapter dropout on the GPU)
-
-    @classmethod
-    def capture(cls, generator: torch.Generator, caption_rng: random.Random) -> "RngState":
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return cls(generator.get_state(), caption_rng.getstate(), torch.get_rng_state(), cuda)
-
-    def restore(self, generator: torch.Generator, caption_rng: random.Random) -> None:
-        generator.set_state(self.generator)
-        caption_rng.setstate(_as_random_state(self.captions))
-        torch.set_rng_state(self.torch_cpu)
-        if self.torch_cuda is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.torch_cuda)
-
-    def to_dict(self) -> dict:
-        return {"generator": self.generator, "captions": self.captions, "torch_cpu": self.torch_cpu,
-                "torch_cuda": self.torch_cuda}
-
-
-def _as_random_state(state):
-    # random.Random.setstate needs tuples; a round trip through torch.save keeps them, JSON would not.
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 def snapshot_dir(run_dir: Path, step: int) -> Path:
@@ -115,6 +85,13 @@ def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise TrainingError(f"resume state '{path}' is damaged or incomplete ({e}); "
                             f"delete it to resume from the previous snapshot") from e
     return adapters, training, meta
+
+
+def snapshot_adapters(path: str | Path) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors of a snapshot (kohya keys, fp32): what a numbered LoRA file is made of."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapters.safetensors"))
 
 
 def check_resumable(meta: dict[str, Any], identity, path: Path) -> list[str]:

@@ -5,6 +5,8 @@ Never shipped: they only exist to make integration tests cheaper or observable.
   encoding of the tiny checkpoints costs ~10x less on CPU; te_layers=0 loads the full encoders.
 * LoraLabTest_SendEvent: sends one custom websocket event (checks the harness's websocket client).
 * LoraLabTest_Wait: runs N ProgressBar steps of `step_s` seconds, checking for interrupt (tests Cancel/interrupt).
+* LoraLabTest_StringList: one STRING per line as a list output (captions for Dataset from Images, as a captioning
+  node would hand them on).
 """
 
 
@@ -91,9 +93,26 @@ class LoraLabTest_Wait:
         return (steps,)
 
 
+class LoraLabTest_StringList:
+    """One STRING per line, as a list output (OUTPUT_IS_LIST): what a captioning node hands on per image."""
+
+    CATEGORY = "LoRA Lab/testing"
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "split"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "", "multiline": True})}}
+
+    def split(self, text):
+        return ([line for line in text.splitlines() if line.strip()],)
+
+
 NODE_CLASS_MAPPINGS = {
     "LoraLabTest_TinyCheckpointLoader": LoraLabTest_TinyCheckpointLoader,
     "LoraLabTest_SendEvent": LoraLabTest_SendEvent,
     "LoraLabTest_Wait": LoraLabTest_Wait,
+    "LoraLabTest_StringList": LoraLabTest_StringList,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: k.replace("LoraLabTest_", "LoRA Lab test: ") for k in NODE_CLASS_MAPPINGS}
