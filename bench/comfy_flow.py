@@ -8,7 +8,8 @@ the same tiny Flux text encoder (T5 + CLIP-L), batch 1, AdamW, gradient checkpoi
             "transformer" (every Linear in the double and single blocks) plus a "full" line (every Linear of the
             model: the fair side, as the built-in adapts every layer that has a weight), under inference_mode.
 * builtin   `comfy_extras.nodes_train.TrainLoraNode().train(...)` with the same settings, timed per optimizer step.
-* floor     forward + backward + fused AdamW of the diffusion model with ours "full" adapters, no checkpointing.
+* floor     forward + backward + fused AdamW of the diffusion model with ours "full" adapters, no checkpointing;
+            "floor + checkpointing" the same inside ComfyHost.gradient_checkpointing(True) (the recompute alone).
 
 Each side gets its own copy of the MODEL (the built-in leaves wrappers on its modules). Imported by
 bench/comfy_step.py, which prints its figures and the last line `flow_ours_over_builtin: <ratio>` (ours "full" /
@@ -80,7 +81,7 @@ class FlowBench:
         stamps = run_builtin(self.builtin_model, self.latent_dict, self.positive, self.warmup + self.timed, RANK, LR)
         return self.per_step(stamps)
 
-    def floor(self):
+    def floor(self, checkpointing: bool = False):
         import torch
 
         host = _pack("nodes.comfy_host").ComfyHost(self.model.clone(), self.clip)
@@ -96,7 +97,7 @@ class FlowBench:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(1, 16, LATENT_SIDE, LATENT_SIDE, generator=gen)
             target = torch.randn(x.shape, generator=gen)
-            with network.attached():
+            with network.attached(), host.gradient_checkpointing(checkpointing):
                 for _ in range(self.warmup + self.timed):
                     out = host.predict(x, torch.rand(1, generator=gen), cond)
                     torch.nn.functional.mse_loss(out, target).backward()
@@ -115,7 +116,7 @@ def flow_rows(tmp: Path, now, per_step, warmup: int, timed: int, rounds: int) ->
     print(f"\ntiny Flux.1 dev ({bench.params():.2f} M params), {IMAGES} latents 16x{LATENT_SIDE}x{LATENT_SIDE} "
           f"(128 px), batch 1, rank {RANK}, AdamW lr {LR}, fp32, gradient checkpointing on")
     sides = {"floor": bench.floor, "ours_full": lambda: bench.ours("full"), "builtin": bench.builtin,
-             "ours_transformer": lambda: bench.ours("transformer")}
+             "floor_ckpt": lambda: bench.floor(checkpointing=True), "ours_transformer": lambda: bench.ours("transformer")}
     results = {name: [] for name in sides}
     order = list(sides)
     for r in range(rounds):
@@ -126,8 +127,9 @@ def flow_rows(tmp: Path, now, per_step, warmup: int, timed: int, rounds: int) ->
     wall = {name: statistics.median(v[0] for v in runs) for name, runs in results.items()}
     floor = wall["floor"]
     labels = {"floor": "flow floor: fwd+bwd+AdamW, full adapters", "ours_full": "flow ours, targets full (fair)",
+              "floor_ckpt": "flow floor + ComfyHost.gradient_checkpointing",
               "ours_transformer": "flow ours, targets transformer", "builtin": "flow built-in TrainLoraNode"}
-    for name in ("floor", "ours_full", "ours_transformer", "builtin"):
+    for name in ("floor", "floor_ckpt", "ours_full", "ours_transformer", "builtin"):
         print(f"{labels[name]:<44}{wall[name]:>9.4f}{wall[name] / floor:>9.2f}")
     print(f"flow bench time {time.perf_counter() - t0:.0f} s")
     return wall["ours_full"] / wall["builtin"]

@@ -7,6 +7,8 @@ Speed is read from the run log's per-step wall-clock times after a warm-up, so s
 caching, the memory estimate) is not counted. Each configuration runs ROUNDS times, alternating; the best is kept.
 
     python bench/ddp.py        # last line: ddp_scaling: <2-process samples/s / 1-process samples/s>  (goal >= 1.7)
+
+The line before it measures the machine's own ceiling (two independent one-thread processes vs one).
 """
 from __future__ import annotations
 
@@ -56,6 +58,28 @@ def samples_per_second(demo: Path, processes: int, round_index: int) -> tuple[fl
     return BATCH * processes / seconds_per_step, seconds_per_step
 
 
+CEILING_SCRIPT = """
+import time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(256, 256), torch.randn(256, 256)
+t = time.perf_counter()
+for _ in range(3000):
+    a @ b
+print(time.perf_counter() - t)
+"""
+
+
+def machine_ceiling() -> float:
+    """The floor of this comparison: how much faster two independent one-thread processes compute than one on this
+    machine (2.0 on two free physical cores; less with shared or busy cores). DDP cannot scale past it."""
+    one = float(subprocess.run([sys.executable, "-c", CEILING_SCRIPT], env=env(), capture_output=True, text=True,
+                               check=True).stdout)
+    pair = [subprocess.Popen([sys.executable, "-c", CEILING_SCRIPT], env=env(), stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    both = max(float(p.communicate()[0]) for p in pair)
+    return 2 * one / both
+
+
 def main() -> None:
     from trainer.demo import prepare_demo
 
@@ -73,6 +97,9 @@ def main() -> None:
         print(f"{processes} process(es) x batch {BATCH} (global batch {BATCH * processes}), one thread each: "
               f"{rate:.1f} samples/s ({per_step * 1000:.1f} ms/step), best of {ROUNDS}")
     print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    ceiling = machine_ceiling()
+    print(f"machine ceiling (2 independent one-thread matmul processes vs 1): {ceiling:.3f}; "
+          f"ddp_scaling / ceiling: {best[2][0] / best[1][0] / ceiling:.3f}")
     print(f"ddp_scaling: {best[2][0] / best[1][0]:.3f}")
 
 
