@@ -107,3 +107,31 @@ def test_a_shuffled_training_run_writes_only_as_written_captions(tiny_models, ma
     cfg = TrainConfig.from_dict({"steps": 12, "batch_size": 2, "network": {"rank": 2, "alpha": 2}})
     train(host, latents, cfg, tmp_path / "run", dataset_cfg=dataset_cfg, text_cache_dir=tmp_path / "text")
     assert cache_files(tmp_path / "text") == len(captions) + 1  # + the empty caption of dropout
+
+
+def test_per_sample_hosts_get_each_entry_and_rows_padded_to_the_longest_not_repeated():
+    """A DiT host reads each caption's own entry; the batch rows are zero-padded to the longest context, never
+    repeated to a common multiple (co-prime unpadded lengths 37 and 41 would make 1517 tokens a row)."""
+    from trainer.data.cache import LatentSample
+    from trainer.training.loop import SampleRng, collate
+
+    class PerSampleHost(FakeTextHost):
+        family, per_sample_conditioning = "flux_dev", True
+
+        @staticmethod
+        def embed(caption):
+            return {"context": torch.full((37 if caption == "short" else 41, 8), float(len(caption))),
+                    "extra.attention_mask": torch.ones(37 if caption == "short" else 41)}
+
+        def scale_latents(self, x):
+            return x
+
+    host = PerSampleHost()
+    text = TextEmbeddings(host, 1, None, trainable=False)
+    batch = [LatentSample(torch.zeros(4, 2, 2), None, caption, 1, (16, 16), 16, (16, 16), (0, 0), None, caption)
+             for caption in ("short", "longer")]
+    _, cond = collate(host, batch, text, DatasetConfig(), [SampleRng.keyed(i) for i in range(2)], "cpu")
+    assert cond.context.shape == (2, 41, 8)
+    assert torch.equal(cond.context[0, 37:], torch.zeros(4, 8)) and torch.equal(cond.context[1], host.embed("longer")["context"])
+    assert [s["context"].shape[0] for s in cond.samples] == [37, 41]
+    assert torch.equal(cond.samples[0]["extra.attention_mask"], torch.ones(37))

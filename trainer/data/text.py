@@ -101,6 +101,17 @@ class TextEmbeddings:
         return context, pooled
 
 
+def padded_rows(items: Sequence[Embedding]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(context, pooled) rows for hosts that read each sample's own entry (``Conditioning.samples``): contexts
+    zero-padded to the longest, never repeated to a common multiple (unpadded T5 / Gemma contexts of co-prime
+    lengths would multiply into thousands of tokens per step)."""
+    longest = max(item["context"].shape[0] for item in items)
+    context = torch.stack([torch.nn.functional.pad(item["context"], (0, 0, 0, longest - item["context"].shape[0]))
+                           for item in items])
+    pooled = torch.stack([item["pooled"] for item in items]) if "pooled" in items[0] else None
+    return context, pooled
+
+
 def stack_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack (tokens, width) contexts. Long captions encode to several 77-token chunks; like ComfyUI, shorter
     contexts are repeated up to the least common multiple of the lengths so every row has the same length."""

@@ -23,7 +23,7 @@ from ..adapters.network import LoRANetwork
 from ..config import DatasetConfig, TrainConfig
 from ..data.batching import BatchSampler
 from ..data.captions import build_caption
-from ..data.text import TextEmbeddings
+from ..data.text import TextEmbeddings, padded_rows
 from ..errors import TrainingError, TrainingInterrupted
 from ..hosts.base import Conditioning
 from . import distributed, objectives
@@ -325,9 +325,13 @@ def collate(host, batch, text, dataset_cfg, rngs: Sequence[SampleRng], device) -
     x0 = host.scale_latents(torch.stack(latents).to(device, torch.float32))
     captions = [build_caption(sample.caption, getattr(sample, "caption_options", None) or dataset_cfg, rng.captions)
                 for sample, rng in zip(batch, rngs)]  # a combined dataset's parts keep their own caption options
-    context, pooled = text(captions)
+    samples = None
+    if getattr(host, "per_sample_conditioning", False):  # the DiT families read each sample's own entry
+        samples = text.items(captions)
+        context, pooled = padded_rows(samples)
+    else:
+        context, pooled = text(captions)
     size = torch.tensor(size_ids, dtype=torch.float32, device=device) if host.family == "sdxl" else None
-    samples = text.items(captions) if getattr(host, "per_sample_conditioning", False) else None
     return x0, Conditioning(context.to(device), pooled.to(device) if pooled is not None else None, size,
                             samples).to(device)
 
